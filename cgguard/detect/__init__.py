@@ -1,0 +1,78 @@
+"""Detectors: pure functions of state that say whether a cgroup holds a bomb, and why.
+
+Every detector returns ``None`` or a :class:`Verdict`. A verdict always carries the reasons,
+each with the numbers that crossed a threshold, so an operator can see why cgguard acted.
+Detectors do no I/O: they get samples (cgroup level) or the lineage tree, and a clock value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One triggered rule: ``rule`` names it, ``detail`` says it in words, ``values`` the numbers."""
+
+    rule: str
+    detail: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "detail": self.detail, "values": dict(self.values)}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The process a bomb's lineage descends from; it may be dead (a placeholder record)."""
+
+    pid: int
+    start_ns: int
+    comm: str | None
+    cmdline: str | None
+    alive: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "start_ns": self.start_ns,
+            "comm": self.comm,
+            "cmdline": self.cmdline,
+            "alive": self.alive,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A detector's finding about one cgroup.
+
+    ``first_sign_ns`` is when the growth began as far as the detector can tell (monotonic ns);
+    the incident's ``detect_ms`` is measured from it. ``lineage`` is set by the lineage detector:
+    the (tgid, start_ns) identities of the bomb's live members, for a surgical kill.
+    """
+
+    cgroup: str
+    detector: str
+    reasons: tuple[Reason, ...]
+    tasks: int
+    first_sign_ns: int
+    at_ns: int
+    origin: Origin | None = None
+    lineage: frozenset[tuple[int, int]] | None = None
+    family: int | None = None
+    depth: int | None = None
+
+    def summary(self) -> str:
+        return "; ".join(r.detail for r in self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cgroup": self.cgroup,
+            "detector": self.detector,
+            "reasons": [r.to_dict() for r in self.reasons],
+            "tasks": self.tasks,
+            "origin": self.origin.to_dict() if self.origin else None,
+            "family": self.family,
+            "depth": self.depth,
+        }
