@@ -1,0 +1,350 @@
+"""Configuration: pydantic models, file loading (YAML or TOML), and flag overrides.
+
+Every bad value becomes one line naming the key (``ConfigError``), never a traceback. The models
+are also the source of the configuration reference in the README (``cgguard config-reference``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator, one line."""
+
+
+class Action(str, Enum):
+    auto = "auto"  # kill-cgroup when the bomb owns the cgroup, else kill-lineage
+    kill_cgroup = "kill-cgroup"
+    kill_lineage = "kill-lineage"
+    freeze = "freeze"  # keep it frozen for forensics
+    report = "report"
+
+
+_GLOB_OK = re.compile(r"^[A-Za-z0-9_.:@*?\[\]!\-/\\=+,%]+$")
+
+
+def check_glob(glob: str) -> str:
+    g = glob.strip()
+    if not g:
+        raise ValueError("empty glob")
+    if g.startswith("/"):
+        raise ValueError(f"{glob!r}: must be relative to the cgroup2 root (no leading '/')")
+    if ".." in g.split("/"):
+        raise ValueError(f"{glob!r}: '..' is not allowed")
+    if not _GLOB_OK.match(g):
+        raise ValueError(f"{glob!r}: unexpected characters")
+    for part in g.split("/"):
+        if "**" in part and part != "**":
+            raise ValueError(f"{glob!r}: '**' must be a whole path component")
+    return g.strip("/")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class Rule(_Model):
+    """Per-glob action override; the first matching rule wins."""
+
+    match: str = Field(description="Glob of cgroups (relative to the cgroup2 root) this rule applies to.")
+    action: Action = Field(description="What to do with a bomb found in a matching cgroup.")
+
+    _check = field_validator("match")(lambda cls, v: check_glob(v))
+
+
+class KillBudget(_Model):
+    """Stops a detector gone wrong from emptying a node: at most N actions per window."""
+
+    max_actions: int = Field(5, ge=1, description="Actions allowed per window; further verdicts are only reported.")
+    per_seconds: float = Field(60.0, gt=0, description="Length of the budget window in seconds.")
+
+
+class Sampling(_Model):
+    """How often task counts are sampled (pids.current cannot be watched with inotify)."""
+
+    fast_interval_ms: int = Field(20, ge=5, le=1000, description="Interval while a cgroup grows.")
+    slow_interval_ms: int = Field(1000, ge=100, le=60000, description="Interval while a cgroup is calm.")
+    calm_after_ms: int = Field(2000, ge=100, description="Stay fast this long after the last growth.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "Sampling":
+        if self.fast_interval_ms > self.slow_interval_ms:
+            raise ValueError("fast_interval_ms must not exceed slow_interval_ms")
+        return self
+
+
+class GrowthParams(_Model):
+    """Cgroup-level growth: tasks multiplying (a bomb's shape), not churn or a one-off burst."""
+
+    min_tasks: int = Field(192, ge=8, description="Never flag a cgroup with fewer tasks than this.")
+    window_ms: int = Field(1000, ge=50, description="Window over which growth is measured.")
+    min_factor: float = Field(3.0, gt=1.0, description="Tasks must multiply by at least this within the window.")
+    min_doublings: int = Field(3, ge=1, description="Consecutive doublings of the task count needed.")
+    accel_ratio: float = Field(1.3, gt=0, description="Later growth must outpace earlier growth by this ratio.")
+
+
+class SaturationParams(_Model):
+    """pids.max saturation: a cgroup sitting at its limit (only where pids.max exists)."""
+
+    enabled: bool = Field(True, description="Use this detector.")
+    ratio: float = Field(0.95, gt=0, le=1.0, description="Fraction of pids.max that counts as full.")
+    hold_ms: int = Field(1000, ge=0, description="How long the cgroup must stay full.")
+    min_forks_refused: int = Field(1, ge=0, description="Also require this many refused forks (pids.events max).")
+
+
+class ForkFailureParams(_Model):
+    """Forks refused at pids.max (pids.events), a rate of them means something keeps retrying."""
+
+    enabled: bool = Field(True, description="Use this detector.")
+    min_failures: int = Field(50, ge=1, description="Refused forks within the window that make a verdict.")
+    window_ms: int = Field(2000, ge=100, description="Window for counting refused forks.")
+
+
+class LineageDetect(_Model):
+    """The seed's rule (worst-scoring record subtree, only with a large enough family) plus growth."""
+
+    enabled: bool = Field(True, description="Use this detector (needs lineage tracking).")
+    min_family: int = Field(10, ge=2, description="The seed's floor: smaller families are left to the OOM killer.")
+    min_bomb_family: int = Field(48, ge=4, description="Live family size at which a replicating lineage is a bomb.")
+    min_depth: int = Field(5, ge=2, description="Generations the family must span.")
+    min_forkers: int = Field(8, ge=2, description="Distinct members that forked within the window.")
+    min_forking_generations: int = Field(4, ge=2, description="Generations that contain forkers within the window.")
+    window_ms: int = Field(2000, ge=50, description="Recent-activity window for forkers and growth.")
+
+
+class Detect(_Model):
+    """Detector thresholds. Defaults catch a classic bash bomb and spare builds, pools and churn."""
+
+    growth: GrowthParams = GrowthParams()
+    saturation: SaturationParams = SaturationParams()
+    fork_failures: ForkFailureParams = ForkFailureParams()
+    lineage: LineageDetect = LineageDetect()
+
+
+class Lineage(_Model):
+    """Lineage tracking through the proc connector, with the seed's aging knobs."""
+
+    tracking: bool = Field(True, description="Track process lineage (the seed's mm_tracker_enable).")
+    reset_interval_ms: int = Field(
+        30000, ge=100, le=2**32 - 1, description="Aging interval (the seed's mm_tracker_reset_interval_msecs)."
+    )
+    rcvbuf_mib: int = Field(32, ge=1, le=1024, description="Proc connector receive buffer.")
+
+
+class Config(_Model):
+    """cgguard configuration. Paths and globs are relative to the cgroup2 root."""
+
+    watch: list[str] = Field(default_factory=list, description="Globs of cgroups to guard: '*' one level, '**' any depth.")
+    protect: list[str] = Field(default_factory=list, description="Globs never acted on (still watched and reported).")
+    cgroup_root: str | None = Field(None, description="cgroup2 mount point; found from /proc/self/mountinfo if unset.")
+    state_dir: str = Field("/var/lib/cgguard", description="Directory of incidents.jsonl.")
+    listen: str = Field("127.0.0.1:9750", description="HOST:PORT for /healthz, /readyz and /metrics; '' disables.")
+    control_socket: str = Field("/run/cgguard/control.sock", description="Root-only socket for 'cgguard ctl'.")
+    dry_run: bool = Field(False, description="Detect and record, never act.")
+    action: Action = Field(Action.auto, description="Default action on a verdict.")
+    rules: list[Rule] = Field(default_factory=list, description="Per-glob action overrides, first match wins.")
+    kill_budget: KillBudget = KillBudget()
+    remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
+    sampling: Sampling = Sampling()
+    detect: Detect = Detect()
+    lineage: Lineage = Lineage()
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
+    @field_validator("watch", "protect")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        return [check_glob(g) for g in v]
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v == "":
+            return v
+        parse_listen(v)
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be debug, info, warning or error")
+        return v.lower()
+
+    def action_for(self, cgroup: str) -> Action:
+        for rule in self.rules:
+            if glob_match(rule.match, cgroup):
+                return rule.action
+        return self.action
+
+
+def parse_listen(v: str) -> tuple[str, int]:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"{v!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# -- globs -----------------------------------------------------------------------------------
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    rx = ""
+    parts = glob.strip("/").split("/")
+    if parts == ["**"]:
+        return re.compile(".*")
+    for part in parts:
+        if part == "**":
+            # '**' spans zero or more whole levels: 'a/**' matches 'a' itself and all below it,
+            # '**/x' matches 'x' at any depth.
+            rx = f"{rx}(?:/.*)?" if rx else "(?:.*/)?"
+            continue
+        piece = fnmatch.translate(part)
+        piece = piece[len("(?s:") : -len(")\\Z")] if piece.startswith("(?s:") else piece
+        # fnmatch's '*' crosses '/'; here it stays within one level.
+        piece = piece.replace(".*", "[^/]*")
+        rx += ("/" if rx and not rx.endswith("/)?") else "") + piece
+    return re.compile(rx)
+
+
+_cache: dict[str, re.Pattern[str]] = {}
+
+
+def glob_match(glob: str, path: str) -> bool:
+    rx = _cache.get(glob)
+    if rx is None:
+        rx = _cache[glob] = _glob_regex(glob)
+    return rx.fullmatch(path.strip("/")) is not None
+
+
+def glob_static_prefix(glob: str) -> str:
+    """The longest leading part of a glob without wildcards: where watching has to start."""
+    out = []
+    for part in glob.strip("/").split("/"):
+        if any(c in part for c in "*?["):
+            break
+        out.append(part)
+    return "/".join(out)
+
+
+def glob_may_match_below(glob: str, path: str) -> bool:
+    """Could a descendant of ``path`` (or path itself) match ``glob``? Prunes directory watches."""
+    gparts = glob.strip("/").split("/")
+    pparts = [p for p in path.strip("/").split("/") if p]
+    for i, pp in enumerate(pparts):
+        if i >= len(gparts):
+            return False
+        g = gparts[i]
+        if g == "**":
+            return True
+        if not glob_match(g, pp):
+            return False
+    return True
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{loc}: {msg}{extra}"
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def build(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> Config:
+    """Merge file data with flag overrides (flags win) and validate."""
+    data = dict(file_data or {})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        cur = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+            cur[p] = nxt = dict(nxt)
+            cur = nxt
+        cur[parts[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_error(e)}") from None
+
+
+def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    data = load_file(path) if path else {}
+    return build(data, overrides, source=path or "flags")
+
+
+def default_config_path() -> str | None:
+    for p in (os.environ.get("CGGUARD_CONFIG"), "/etc/cgguard/config.yaml", "/etc/cgguard/config.toml"):
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+# -- reference -------------------------------------------------------------------------------
+def reference_markdown() -> str:
+    """The configuration reference, generated from the models (README embeds it; a test checks drift)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                doc = ((ann.__doc__ or "").strip().splitlines() or [""])[0]
+                lines.append(f"| `{key}` | section | | {doc} |")
+                walk(ann, key + ".")
+                continue
+            tname = str(ann).replace("typing.", "").replace(" | ", " \\| ") if type(ann).__name__ == "UnionType" else getattr(ann, "__name__", str(ann))
+            if isinstance(ann, type) and issubclass(ann, Enum):
+                tname = " \\| ".join(m.value for m in ann)
+            if f.default_factory is not None:
+                default = f.default_factory()
+            else:
+                default = f.default
+            if isinstance(default, Enum):
+                default = default.value
+            dtext = "none" if default is None else f"`{default!r}`" if not isinstance(default, str) else f"`{default}`"
+            if dtext == "``":
+                dtext = "`''`"
+            lines.append(f"| `{key}` | {tname} | {dtext} | {f.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"
