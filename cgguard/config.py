@@ -81,13 +81,13 @@ class Sampling(_Model):
 
 
 class GrowthParams(_Model):
-    """Cgroup-level growth: tasks multiplying (a bomb's shape), not churn or a one-off burst."""
+    """Cgroup-level growth: many tasks, multiplied quickly and still rising (not churn or a burst)."""
 
-    min_tasks: int = Field(192, ge=8, description="Never flag a cgroup with fewer tasks than this.")
+    min_tasks: int = Field(512, ge=8, description="Never flag a cgroup with fewer tasks than this.")
     window_ms: int = Field(1000, ge=50, description="Window over which growth is measured.")
-    min_factor: float = Field(3.0, gt=1.0, description="Tasks must multiply by at least this within the window.")
-    min_doublings: int = Field(3, ge=1, description="Consecutive doublings of the task count needed.")
-    accel_ratio: float = Field(1.3, gt=0, description="Later growth must outpace earlier growth by this ratio.")
+    min_factor: float = Field(4.0, gt=1.0, description="Tasks must multiply by at least this within the window.")
+    min_rate_per_s: float = Field(500.0, gt=0, description="Net growth in tasks per second.")
+    rising_samples: int = Field(3, ge=1, description="The count must have risen in each of the last N samples.")
 
 
 class SaturationParams(_Model):
@@ -96,7 +96,7 @@ class SaturationParams(_Model):
     enabled: bool = Field(True, description="Use this detector.")
     ratio: float = Field(0.95, gt=0, le=1.0, description="Fraction of pids.max that counts as full.")
     hold_ms: int = Field(1000, ge=0, description="How long the cgroup must stay full.")
-    min_forks_refused: int = Field(1, ge=0, description="Also require this many refused forks (pids.events max).")
+    min_forks_refused: int = Field(10, ge=0, description="Also require this many refused forks (pids.events max).")
 
 
 class ForkFailureParams(_Model):
@@ -151,10 +151,15 @@ class Config(_Model):
     action: Action = Field(Action.auto, description="Default action on a verdict.")
     rules: list[Rule] = Field(default_factory=list, description="Per-glob action overrides, first match wins.")
     kill_budget: KillBudget = KillBudget()
+    surgical_fallback: Action = Field(
+        Action.kill_cgroup,
+        description="When a surgical kill cannot freeze or move the lineage: kill-cgroup or report.",
+    )
     remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
     sampling: Sampling = Sampling()
     detect: Detect = Detect()
     lineage: Lineage = Lineage()
+    realtime: bool = Field(True, description="Run the agent at SCHED_RR priority 1 so a bomb cannot starve it.")
     log_level: str = Field("info", description="debug, info, warning or error.")
 
     @field_validator("watch", "protect")
@@ -168,6 +173,13 @@ class Config(_Model):
         if v == "":
             return v
         parse_listen(v)
+        return v
+
+    @field_validator("surgical_fallback")
+    @classmethod
+    def _fallback(cls, v: Action) -> Action:
+        if v not in (Action.kill_cgroup, Action.report):
+            raise ValueError("must be kill-cgroup or report")
         return v
 
     @field_validator("log_level")

@@ -1,0 +1,224 @@
+"""The corpus: fork bombs and heavy-but-legitimate forkers, shared by tests, demo and bench.
+
+Every bomb here is bounded by construction: it stops forking at a deadline (``secs``) it reads
+from a builtin clock (bash ``EPOCHSECONDS``, Python ``time``), so even with no guard and no cap
+it ends. Run them only through :class:`cgguard.contain.Sandbox`, which adds the kernel cap.
+Benign workloads are bounded by their own work and finish by themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str  # "bomb" or "benign"
+    make: Callable[[int], list[str]]  # secs -> argv
+    about: str
+    needs: tuple[str, ...] = ()
+    setup: Callable[[str], None] | None = None  # prepares files in a work dir
+    threads: bool = False  # grows threads rather than processes
+    zombies: bool = False  # only pids.current (pure v2) can see it
+    extra: dict = field(default_factory=dict)
+
+    def missing(self) -> str | None:
+        for tool in self.needs:
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed"
+        return None
+
+
+def _bash(script: str) -> Callable[[int], list[str]]:
+    return lambda secs: ["bash", "-c", script.replace("SECS", str(secs))]
+
+
+def _py(code: str) -> Callable[[int], list[str]]:
+    return lambda secs: [PY, "-c", code.replace("SECS", str(secs))]
+
+
+# -- bombs ---------------------------------------------------------------------------------------
+CLASSIC = "D=$((EPOCHSECONDS+SECS)); :(){ (( EPOCHSECONDS < D )) && { :|:& }; };:"
+SEED = "D=$((EPOCHSECONDS+SECS)); forkbomb(){ (( EPOCHSECONDS < D )) && { forkbomb|forkbomb & }; }; forkbomb"
+SLOW = "D=$((EPOCHSECONDS+SECS)); f(){ sleep 0.3; (( EPOCHSECONDS < D )) && { f & f & }; wait; }; f"
+PY_FORK = """
+import os, time
+d = time.time() + SECS
+while time.time() < d:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.05)
+"""
+THREAD_BOMB = """
+import threading, time
+d = time.time() + SECS
+def f():
+    while time.time() < d:
+        try:
+            threading.Thread(target=f, daemon=True).start()
+            threading.Thread(target=f, daemon=True).start()
+            break
+        except RuntimeError:
+            time.sleep(0.05)
+    time.sleep(max(0.0, d - time.time()))
+f()
+"""
+SETSID = """
+import os, time
+d = time.time() + SECS
+def member():
+    # Each member keeps starting members through a double fork with setsid(): the intermediate
+    # exits at once, so every member is orphaned and leads a session of its own.
+    while time.time() < d:
+        try:
+            pid = os.fork()
+        except OSError:
+            time.sleep(0.05)
+            continue
+        if pid == 0:
+            os.setsid()
+            try:
+                if os.fork() == 0:
+                    member()
+                    os._exit(0)
+            except OSError:
+                pass
+            os._exit(0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+member()
+"""
+ZOMBIES = """
+import os, time
+d = time.time() + SECS
+n = 0
+while time.time() < d:
+    try:
+        if os.fork() == 0:
+            os._exit(0)  # never reaped: a zombie pile
+        n += 1
+    except OSError:
+        time.sleep(0.05)
+time.sleep(max(0.0, d - time.time()))
+"""
+
+C_FORK_SRC = r"""
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    time_t d = time(NULL) + (argc > 1 ? atoi(argv[1]) : 5);
+    while (time(NULL) < d) fork();
+    return 0;
+}
+"""
+
+
+def c_fork_binary(workdir: str | None = None) -> str:
+    """Compile the C fork-loop bomb once (into ``workdir`` or a temp dir); returns its path."""
+    workdir = workdir or tempfile.mkdtemp(prefix="cgguard-cbomb-")
+    src, out = os.path.join(workdir, "cbomb.c"), os.path.join(workdir, "cbomb")
+    if not os.path.exists(out):
+        with open(src, "w") as f:
+            f.write(C_FORK_SRC)
+        subprocess.run(["gcc", "-O2", "-o", out, src], check=True, capture_output=True)
+    return out
+
+
+# -- benign --------------------------------------------------------------------------------------
+def make_project(workdir: str, files: int = 24) -> None:
+    """A generated C project for 'make -j' (compile + link: make -> sh -> gcc -> cc1/as/ld)."""
+    os.makedirs(workdir, exist_ok=True)
+    objs = []
+    for i in range(files):
+        with open(os.path.join(workdir, f"f{i}.c"), "w") as f:
+            f.write(f"int f{i}(int x) {{ int s = 0; for (int k = 0; k < x; k++) s += k * {i}; return s; }}\n")
+        objs.append(f"f{i}.o")
+    with open(os.path.join(workdir, "main.c"), "w") as f:
+        f.write("int f0(int);\nint main(void) { return f0(3) > 100; }\n")
+    with open(os.path.join(workdir, "Makefile"), "w") as f:
+        f.write(f"OBJS = {' '.join(objs)} main.o\nprog: $(OBJS)\n\tgcc -o $@ $(OBJS)\n%.o: %.c\n\tgcc -O1 -c $< -o $@\n")
+
+
+POOL = """
+import multiprocessing as mp
+def work(i):
+    return sum(range(2000 + i))
+if __name__ == "__main__":
+    with mp.get_context("fork").Pool(8, maxtasksperchild=2) as p:
+        p.map(work, range(400), chunksize=1)
+"""
+PREFORK = """
+import os, socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(64)
+kids = []
+for _ in range(32):
+    pid = os.fork()
+    if pid == 0:
+        s.settimeout(0.2)
+        end = time.time() + 2.5
+        while time.time() < end:
+            try:
+                c, _ = s.accept(); c.close()
+            except OSError:
+                pass
+        os._exit(0)
+    kids.append(pid)
+for _ in range(50):
+    c = socket.create_connection(s.getsockname()); c.close()
+for pid in kids:
+    os.waitpid(pid, 0)
+"""
+TEST_RUNNER = """
+import subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+def test(i):
+    return subprocess.run([sys.executable, "-c", "import os; os.system('true')"]).returncode
+with ThreadPoolExecutor(8) as ex:
+    assert all(rc == 0 for rc in ex.map(test, range(48)))
+"""
+BOUNDED_TREE = (
+    "t(){ local d=$1; if (( d > 0 )); then for i in 1 2 3 4 5; do t $((d-1)) & done; fi; sleep 2; wait; }; t 3"
+)
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload("classic", "bomb", _bash(CLASSIC), "classic bash bomb :(){ :|:& };:"),
+        Workload("seed", "bomb", _bash(SEED), "the seed's forkbomb(){ forkbomb|forkbomb & }"),
+        Workload("python-fork", "bomb", _py(PY_FORK), "Python os.fork() loop"),
+        Workload("c-fork", "bomb", lambda secs: [c_fork_binary(), str(secs)], "C fork() loop", needs=("gcc",)),
+        Workload("slow", "bomb", _bash(SLOW), "slow bomb doubling every ~300 ms"),
+        Workload("threads", "bomb", _py(THREAD_BOMB), "thread bomb (threads spawning threads)", threads=True),
+        Workload("setsid", "bomb", _py(SETSID), "setsid + double fork: parents die at once"),
+        Workload("zombies", "bomb", _py(ZOMBIES), "zombie pile-up: children never reaped", zombies=True),
+        Workload("make", "benign", lambda secs: ["make", "-s", "-j8"], "make -j8 on a generated C project",
+                 needs=("make", "gcc"), setup=make_project),
+        Workload("xargs", "benign", _bash("seq 3000 | xargs -P 16 -n 1 true"), "seq 3000 | xargs -P 16 -n 1 true"),
+        Workload("pool", "benign", _py(POOL), "multiprocessing.Pool(8) with task churn"),
+        Workload("prefork", "benign", _py(PREFORK), "prefork server: 32 workers from one master"),
+        Workload("sleepers", "benign", _bash("for i in $(seq 300); do sleep 3 & done; wait"),
+                 "one parent starting 300 sleeping children"),
+        Workload("nested", "benign", _bash("seq 8 | xargs -P 4 -I{} sh -c 'seq 60 | xargs -P 4 -n 1 true'"),
+                 "nested parallel loops (xargs -P4 in xargs -P4)"),
+        Workload("sequential", "benign", _bash("for i in $(seq 2000); do /bin/true; done"),
+                 "tight sequential loop of short commands"),
+        Workload("test-runner", "benign", _py(TEST_RUNNER), "parallel test runner: 8 workers, 48 test processes"),
+        Workload("tree", "benign", _bash(BOUNDED_TREE), "bounded process tree: fan-out 5, depth 3 (156 processes)"),
+    ]
+}
+
+BOMBS = [w for w in WORKLOADS.values() if w.kind == "bomb"]
+BENIGN = [w for w in WORKLOADS.values() if w.kind == "benign"]
