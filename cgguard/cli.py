@@ -25,7 +25,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + error
-        raise UsageError(f"{self.prog}: {message}")
+        sub = self.prog.removeprefix("cgguard").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:

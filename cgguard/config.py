@@ -10,9 +10,9 @@ import fnmatch
 import os
 import re
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -46,6 +46,9 @@ def check_glob(glob: str) -> str:
     return g.strip("/")
 
 
+Glob = Annotated[str, AfterValidator(check_glob)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
@@ -53,10 +56,8 @@ class _Model(BaseModel):
 class Rule(_Model):
     """Per-glob action override; the first matching rule wins."""
 
-    match: str = Field(description="Glob of cgroups (relative to the cgroup2 root) this rule applies to.")
+    match: Glob = Field(description="Glob of cgroups (relative to the cgroup2 root) this rule applies to.")
     action: Action = Field(description="What to do with a bomb found in a matching cgroup.")
-
-    _check = field_validator("match")(lambda cls, v: check_glob(v))
 
 
 class KillBudget(_Model):
@@ -141,8 +142,8 @@ class Lineage(_Model):
 class Config(_Model):
     """cgguard configuration. Paths and globs are relative to the cgroup2 root."""
 
-    watch: list[str] = Field(default_factory=list, description="Globs of cgroups to guard: '*' one level, '**' any depth.")
-    protect: list[str] = Field(default_factory=list, description="Globs never acted on (still watched and reported).")
+    watch: list[Glob] = Field(default_factory=list, description="Globs of cgroups to guard: '*' one level, '**' any depth.")
+    protect: list[Glob] = Field(default_factory=list, description="Globs never acted on (still watched and reported).")
     cgroup_root: str | None = Field(None, description="cgroup2 mount point; found from /proc/self/mountinfo if unset.")
     state_dir: str = Field("/var/lib/cgguard", description="Directory of incidents.jsonl.")
     listen: str = Field("127.0.0.1:9750", description="HOST:PORT for /healthz, /readyz and /metrics; '' disables.")
@@ -161,11 +162,6 @@ class Config(_Model):
     lineage: Lineage = Lineage()
     realtime: bool = Field(True, description="Run the agent at SCHED_RR priority 1 so a bomb cannot starve it.")
     log_level: str = Field("info", description="debug, info, warning or error.")
-
-    @field_validator("watch", "protect")
-    @classmethod
-    def _globs(cls, v: list[str]) -> list[str]:
-        return [check_glob(g) for g in v]
 
     @field_validator("listen")
     @classmethod

@@ -1,0 +1,130 @@
+"""End to end: the real `cgguard run` against real bombs in real cgroups (contained, bounded)."""
+
+import json
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from agentproc import AgentProc
+from cgguard.workloads import WORKLOADS
+from conftest import run_cli
+
+
+def bomb_argv(name="classic", secs=6):
+    return WORKLOADS[name].make(secs)
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    started = []
+
+    def start(watch, *extra, env=None):
+        a = AgentProc(str(tmp_path / f"a{len(started)}"), watch, *extra, env=env)
+        started.append(a)
+        a.wait_ready()
+        return a
+
+    yield start
+    for a in started:
+        rc = a.stop()
+        assert rc == 0, f"agent exit code {rc}: {a.output()}"
+
+
+def test_newcomer_run_removes_bomb_and_spares_xargs_sibling(sandbox, agent_factory):
+    x = sandbox.cgroup("X")
+    bomb_cg = sandbox.cgroup("X/child")
+    sib_cg = sandbox.cgroup("X/sibling")
+    agent = agent_factory([f"{sandbox.name}/X/**"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/healthz", timeout=2) as r:
+        assert r.status == 200
+    xargs = sandbox.spawn(["bash", "-c", "seq 3000 | xargs -P 16 -n 1 true"], sib_cg, deadline_s=60)
+    time.sleep(0.2)
+    bomb = sandbox.spawn(bomb_argv(), bomb_cg, deadline_s=8)
+    inc = agent.wait_incident(bomb_cg)
+    assert inc["result"] in ("removed", "gone"), inc
+    assert inc["survivors"] == 0
+    assert inc["action"] in ("kill-cgroup", "kill-lineage")
+    assert inc["reasons"] and all(r["detail"] for r in inc["reasons"])
+    for key in ("tasks_at_detection", "peak_tasks", "detect_ms", "remove_ms"):
+        assert isinstance(inc[key], (int, float)), key
+    time.sleep(0.3)
+    assert sandbox.live_pids(bomb) == []
+    assert xargs.proc.wait(60) == 0  # ran to completion, untouched
+    assert [i for i in agent.incidents() if i["cgroup"] != bomb_cg] == []
+    assert x  # the parent was watched but the smallest cgroup holding the bomb was acted on
+    st = agent.control({"cmd": "status"})["status"]
+    assert {c["path"] for c in st["cgroups"]} >= {x, bomb_cg, sib_cg}
+
+
+def test_dry_run_reports_and_kills_nothing(sandbox, agent_factory):
+    cg = sandbox.cgroup("dry")
+    agent = agent_factory([f"{sandbox.name}/*"], "--dry-run")
+    bomb = sandbox.spawn(bomb_argv(secs=5), cg, deadline_s=7, cap=300)
+    inc = agent.wait_incident(cg)
+    assert inc["dry_run"] is True and inc["action"] == "report" and inc["result"] == "reported"
+    assert len(sandbox.live_pids(bomb)) > 10  # still there: dry run acts on nothing
+    sandbox.kill(bomb)
+
+
+def test_protected_cgroup_is_never_touched(sandbox, agent_factory):
+    cg = sandbox.cgroup("precious")
+    agent = agent_factory([f"{sandbox.name}/*"], "--protect", f"{sandbox.name}/precious")
+    bomb = sandbox.spawn(bomb_argv(secs=5), cg, deadline_s=7, cap=300)
+    inc = agent.wait_incident(cg)
+    assert inc["result"] == "refused" and inc["action"] == "report"
+    assert any("protected" in n for n in inc["notes"])
+    assert len(sandbox.live_pids(bomb)) > 10
+    sandbox.kill(bomb)
+
+
+def test_kill_budget_limits_actions(tmp_path, sandbox, agent_factory):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kill_budget: {max_actions: 1, per_seconds: 600}\n")
+    a_cg, b_cg = sandbox.cgroup("a"), sandbox.cgroup("b")
+    agent = agent_factory([f"{sandbox.name}/*"], "--config", str(cfg))
+    sandbox.spawn(bomb_argv(secs=5), a_cg, deadline_s=7, cap=300)
+    first = agent.wait_incident(a_cg)
+    assert first["result"] in ("removed", "gone")
+    bomb2 = sandbox.spawn(bomb_argv(secs=5), b_cg, deadline_s=7, cap=300)
+    second = agent.wait_incident(b_cg)
+    assert second["action"] == "report" and any("budget" in n for n in second["notes"])
+    assert len(sandbox.live_pids(bomb2)) > 10
+    sandbox.kill(bomb2)
+
+
+def test_sd_notify_ready_and_status_cli(tmp_path, sandbox, agent_factory):
+    sock_path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(sock_path)
+    s.settimeout(15)
+    sandbox.cgroup("svc")
+    agent = agent_factory([f"{sandbox.name}/*"], env={"NOTIFY_SOCKET": sock_path})
+    msg = s.recv(4096).decode()
+    s.close()
+    assert "READY=1" in msg
+    r = run_cli("status", "--json", "--control-socket", agent.sock)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["ready"] is True and [c["path"] for c in st["cgroups"]] == [f"{sandbox.name}/svc"]
+    r = run_cli("status", "--control-socket", agent.sock)
+    assert r.returncode == 0 and f"{sandbox.name}/svc" in r.stdout
+
+
+def test_status_without_agent_is_clean_error(tmp_path):
+    r = run_cli("status", "--control-socket", str(tmp_path / "nobody.sock"))
+    assert r.returncode == 2 and "no agent listening" in r.stderr
+
+
+def test_agent_ignores_cgroup_vanishing_mid_run(sandbox, agent_factory):
+    agent = agent_factory([f"{sandbox.name}/**"])
+    for i in range(20):
+        cg = sandbox.cgroup(f"churn{i}")
+        w = sandbox.spawn(["true"], cg, deadline_s=5)
+        w.proc.wait(5)
+        os.rmdir(sandbox.fs.abspath(cg))
+    time.sleep(0.5)
+    assert agent.proc.poll() is None
+    assert agent.incidents() == []

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import time
+
+import pytest
+
+from cgguard.cgroupfs import CgroupGone, parse_cgroup2_mounts, parse_flat_keyed, parse_max
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+PURE = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+CONTAINER = (
+    "1 0 0:26 /kubepods/pod1 /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n"
+    "2 0 0:26 / /host\\040cgroup rw - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_parse_mountinfo_shapes():
+    assert parse_cgroup2_mounts(HYBRID) == ["/sys/fs/cgroup/unified"]
+    assert parse_cgroup2_mounts(PURE) == ["/sys/fs/cgroup"]
+    # a bind mount of a sub-cgroup is not the whole tree; the escaped real root is preferred
+    assert parse_cgroup2_mounts(CONTAINER) == ["/host cgroup"]
+    assert parse_cgroup2_mounts("1 0 0:1 / / rw - ext4 /dev/vda rw\n") == []
+
+
+def test_parse_files():
+    assert parse_flat_keyed("populated 1\nfrozen 0\n") == {"populated": 1, "frozen": 0}
+    assert parse_max("max\n") is None and parse_max("512\n") == 512
+
+
+def test_no_cgroup2_is_one_line_exit_2(tmp_path):
+    from conftest import run_cli
+
+    fake = tmp_path / "mi"
+    fake.write_text("1 0 0:1 / / rw - ext4 /dev/vda rw\n")
+    # the real binary, pointed at a root that is not cgroup2
+    r = run_cli("run", "--watch", "x/**", "--cgroup-root", str(tmp_path), "--listen", "", "--no-lineage")
+    assert r.returncode == 2 and "not a cgroup2 mount" in r.stderr
+
+
+def test_this_host_root_found_from_mountinfo(cgfs):
+    with open("/proc/self/mountinfo") as f:
+        assert cgfs.root in parse_cgroup2_mounts(f.read())
+    assert cgfs.supports_kill()
+
+
+def test_counts_kill_freeze_on_real_cgroup(cgfs, sandbox):
+    cg = sandbox.cgroup("work")
+    w = sandbox.spawn(["python3", "-c", "import threading,time\n"
+                       "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(4)]\n"
+                       "time.sleep(30)"], cg, deadline_s=30)
+    deadline = time.monotonic() + 5
+    while cgfs.count_threads_subtree(cg) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cgfs.count_threads_subtree(cg) == 5  # threads, not processes
+    assert cgfs.task_count(cg).tasks == 5
+    assert cgfs.populated(cg)
+    cgfs.freeze(cg, True)
+    deadline = time.monotonic() + 5
+    while not cgfs.frozen(cg) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cgfs.frozen(cg)
+    cgfs.kill(cg)  # kills frozen tasks too
+    deadline = time.monotonic() + 5
+    while cgfs.populated(cg) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not cgfs.populated(cg)
+    assert w.proc.wait(5) == -9
+    cgfs.freeze(cg, False)
+
+
+def test_vanished_cgroup_raises_gone(cgfs, sandbox):
+    cg = sandbox.cgroup("short-lived")
+    cgfs.rmdir(cg)
+    with pytest.raises(CgroupGone):
+        cgfs.kill(cg)
+    assert not cgfs.populated(cg)
