@@ -25,7 +25,7 @@ from typing import Any, Callable
 import psutil
 
 from cgguard import act, incidents
-from cgguard.cgroupfs import CgroupFS, own_cgroup
+from cgguard.cgroupfs import CgroupFS, adopt_cgroupns_root, own_cgroup
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
 from cgguard.detect import cgroup as cgdetect
@@ -162,6 +162,10 @@ class Agent:
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
+        # In a private cgroup namespace (a non-privileged container) /proc paths must be
+        # translated before anything compares them with cgroupfs paths, our own cgroup first.
+        adopt_cgroupns_root(self.fs)
+        self.own_cgroup = own_cgroup() or ""
         self.notes += protect_process()
         self.log.open()
         self.watcher.exclude = self._is_own_or_ancestor

@@ -78,3 +78,27 @@ def test_vanished_cgroup_raises_gone(cgfs, sandbox):
     with pytest.raises(CgroupGone):
         cgfs.kill(cg)
     assert not cgfs.populated(cg)
+
+
+def test_adopt_cgroupns_root_inside_a_private_cgroup_namespace(cgfs, sandbox):
+    """As in a non-privileged container: /proc/PID/cgroup is namespace-relative; cgguard translates."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) not installed")
+    own = sandbox.cgroup("pod/ctr")
+    other = sandbox.cgroup("pod2/ctr")
+    sib = sandbox.spawn(["sleep", "30"], other, deadline_s=20)
+    deadline = time.monotonic() + 5
+    while not cgfs.procs(other) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    code = (
+        "import sys; from cgguard.cgroupfs import *; fs = CgroupFS(sys.argv[1]); "
+        "print(adopt_cgroupns_root(fs)); print(own_cgroup()); print(own_cgroup(int(sys.argv[2])))"
+    )
+    w = sandbox.spawn(["unshare", "--cgroup", "--", sys.executable, "-c", code, cgfs.root, str(sib.proc.pid)],
+                      own, deadline_s=20, stdout=subprocess.PIPE)
+    out, _ = w.proc.communicate(timeout=15)
+    assert out.decode().split() == [own, own, other]
