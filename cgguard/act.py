@@ -25,7 +25,7 @@ from typing import Callable
 from inotify_simple import INotify, flags
 
 from cgguard.cgroupfs import CgroupError, CgroupFS, CgroupGone, parse_flat_keyed
-from cgguard.procfs import read_stat, same_process
+from cgguard.procfs import ProcStat, read_stat, same_process
 
 log = logging.getLogger("cgguard.act")
 
@@ -131,35 +131,59 @@ def freeze(fs: CgroupFS, rel: str, timeout_s: float = 2.0) -> ActionResult:
     return res
 
 
-def bomb_members(
-    procs: list[int], members: frozenset[tuple[int, int]], stats: dict[int, object] | None = None
-) -> set[int]:
-    """Which of ``procs`` (a frozen cgroup's processes) belong to the bomb.
+Classify = Callable[[int, ProcStat], "bool | None"]
 
-    A pid is a member if it is a lineage record still alive with the same start time (never a bare
-    pid: the record's pid may have been reused by an innocent), or if its parent chain inside the
-    cgroup reaches a member (children forked after the records were last updated).
+
+def bomb_members(
+    procs: list[int],
+    members: frozenset[tuple[int, int]],
+    classify: Classify | None = None,
+    origin_start_ns: int | None = None,
+    stats: dict[int, ProcStat | None] | None = None,
+) -> tuple[set[int], int]:
+    """Which of ``procs`` (a frozen cgroup's processes) belong to the bomb; and how many of them
+    were taken without a lineage record.
+
+    ``classify(pid, stat)`` (the lineage tree, asked after the freeze) says True (descends from
+    the origin), False (does not) or None (unknown). Without it, a pid is a member if it is one of
+    ``members`` with the same start time -- never a bare pid: a record's pid may have been reused
+    by an innocent. Unknown processes are members if their parent chain inside the cgroup reaches
+    a member, or if they are orphans (parent outside the cgroup, as a bomb's are once their
+    parents exit) started after the origin.
     """
-    starts = {}
+    starts: dict[int, list[int]] = {}
     for tgid, start in members:
         starts.setdefault(tgid, []).append(start)
-    ppid: dict[int, int] = {}
+    stat_of = stats if stats is not None else {pid: read_stat(pid) for pid in procs}
     out: set[int] = set()
+    unknown: dict[int, ProcStat] = {}
     for pid in procs:
-        st = read_stat(pid) if stats is None else stats.get(pid)
+        st = stat_of.get(pid)
         if st is None:
-            continue
-        ppid[pid] = st.ppid  # type: ignore[attr-defined]
-        if pid in starts and any(same_process(st, s) for s in starts[pid]):  # type: ignore[arg-type]
+            continue  # exited meanwhile
+        verdict = classify(pid, st) if classify is not None else None
+        if verdict is None and pid in starts and any(same_process(st, s) for s in starts[pid]):
+            verdict = True
+        if verdict is True:
             out.add(pid)
+        elif verdict is None:
+            unknown[pid] = st
+    guessed = 0
     changed = True
     while changed:
         changed = False
-        for pid, pp in ppid.items():
-            if pid not in out and pp in out:
+        for pid, st in list(unknown.items()):
+            if st.ppid in out:
                 out.add(pid)
+                del unknown[pid]
                 changed = True
-    return out
+                guessed += 1
+    if origin_start_ns is not None:
+        for pid, st in unknown.items():
+            if st.ppid not in stat_of and st.start_ns >= origin_start_ns:
+                out.add(pid)
+                guessed += 1
+    return out, guessed
 
 
 def kill_lineage(
@@ -168,6 +192,9 @@ def kill_lineage(
     members: frozenset[tuple[int, int]],
     timeout_s: float = 5.0,
     fallback: Callable[[str], ActionResult] | None = None,
+    classify: Classify | None = None,
+    origin_start_ns: int | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> ActionResult:
     """Surgical removal of one lineage from a cgroup it shares with innocent processes."""
     t0 = time.monotonic()
@@ -199,15 +226,32 @@ def kill_lineage(
         return res
     if not frozen:
         return fall_back("cgroup did not report frozen 1 within 2 s")
+    if settle is not None:
+        # Let the lineage tree catch up with the forks that happened before the freeze.
+        settle()
     try:
         procs = fs.procs(rel)
     except CgroupGone:
         res.result, res.survivors = "gone", 0
         return res
-    bomb = bomb_members(procs, members)
+    bomb, guessed = bomb_members(procs, members, classify, origin_start_ns)
+    if guessed:
+        res.notes.append(f"{guessed} processes without a lineage record taken as members (orphans or children of members)")
     res.innocents = len(procs) - len(bomb)
     if not bomb:
         return fall_back("no live member of the lineage found in the frozen cgroup")
+    if res.innocents == 0:
+        # The lineage is the whole cgroup after all: the atomic kill is simpler and complete.
+        kc = kill_cgroup(fs, rel, timeout_s)
+        try:
+            fs.freeze(rel, False)
+        except CgroupError:
+            pass
+        kc.notes = res.notes + ["the lineage is the whole cgroup: killed the cgroup"] + kc.notes
+        kc.innocents = 0
+        kc.tasks_before = res.tasks_before
+        kc.remove_ms = (time.monotonic() - t0) * 1000
+        return kc
     q = f"{rel}/{QUARANTINE_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
         fs.mkdir(q)
@@ -253,7 +297,7 @@ def kill_lineage(
             res.notes.append(f"quarantine {q} could not be removed")
     # Anything of the bomb left in the parent (it escaped the move) counts as a survivor.
     try:
-        left = bomb_members(fs.procs(rel), members) if res.result == "removed" else set()
+        left = bomb_members(fs.procs(rel), members, classify)[0] if res.result == "removed" else set()
     except CgroupGone:
         left = set()
     if left:

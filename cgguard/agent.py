@@ -154,6 +154,7 @@ class Agent:
         self._cooldown: dict[str, int] = {}
         self._lineage_eval_at: dict[str, int] = {}
         self._next_age_ns = 0
+        self._drained_ns = 0
         self._control: socket.socket | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._snapshot: dict[str, Any] = {}
@@ -254,6 +255,8 @@ class Agent:
                             os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
+                        if self.lineage is not None:
+                            self._on_procconn()
                 now = self.clock()
                 for node in self.watcher.due(now):
                     self._sample_and_check(node, now)
@@ -298,11 +301,20 @@ class Agent:
                 self.watcher.hint_active(node, now)
                 self._sample_and_check(node, now)
             elif kind == "events" and node.populated:
-                self.watcher.hint_active(node, now)
+                # Something started in a cgroup that was empty: sample it (and, for narrowing
+                # a verdict later, its watched parents) from its first tasks on.
+                n: Node | None = node
+                while n is not None:
+                    if n.watched:
+                        self.watcher.hint_active(n, now)
+                    n = n.parent
 
     def _on_procconn(self) -> None:
         assert self.lineage is not None
-        touched = self.lineage.drain()
+        t = self.clock()
+        touched, empty = self.lineage.drain()
+        if empty:
+            self._drained_ns = t
         if not touched:
             return
         now = self.clock()
@@ -363,7 +375,7 @@ class Agent:
         if verdict.detector == "lineage" and verdict.cgroup:
             n = self.watcher.watched_ancestor(verdict.cgroup)
             return n or node
-        return self.watcher.narrow(node)
+        return self.watcher.narrow(node, verdict.first_sign_ns)
 
     def _on_verdict(self, node: Node, verdict: Verdict) -> None:
         now = self.clock()
@@ -474,9 +486,31 @@ class Agent:
             return act.freeze(self.fs, rel, min(timeout, 2.0))
         if kind == Action.kill_lineage:
             fallback = (lambda r: act.kill_cgroup(self.fs, r, timeout)) if self.cfg.surgical_fallback == Action.kill_cgroup else None
-            members = p.verdict.lineage or frozenset()
-            return act.kill_lineage(self.fs, rel, members, timeout, fallback=fallback)
+            v = p.verdict
+            classify = self.lineage.member_test(v.origin_ref) if self.lineage is not None else None
+            return act.kill_lineage(
+                self.fs,
+                rel,
+                v.lineage or frozenset(),
+                timeout,
+                fallback=fallback,
+                classify=classify,
+                origin_start_ns=v.origin.start_ns if v.origin else None,
+                settle=self._settle if self.lineage is not None else None,
+            )
         return act.ActionResult(kind.value, "reported")
+
+    def _settle(self, max_wait_s: float = 0.2) -> None:
+        """Called from the action thread after a freeze: wait until the main thread has read every
+        proc-connector event queued before now, so the tree knows each frozen process."""
+        t = self.clock()
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:
+            pass
+        deadline = time.monotonic() + max_wait_s
+        while self._drained_ns < t and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def _collect_results(self) -> None:
         while True:

@@ -52,16 +52,42 @@ class LineageSource:
     def load(self, cgroups: list[str]) -> None:
         self.tree.load_from_proc(cgroups)
 
-    def drain(self) -> set[str]:
-        """Feed pending events into the tree; the cgroups that saw forks since the last call."""
-        self.conn.read(self.tree)
-        return self.tree.take_activity()
+    def drain(self, max_events: int = 8192) -> tuple[set[str], bool]:
+        """Feed pending events into the tree. Returns the cgroups that saw forks since the last
+        call, and whether the socket was read empty (False: more is queued, come back)."""
+        n = self.conn.read(self.tree, max_events)
+        return self.tree.take_activity(), n < max_events
 
     def evaluate(self, cgroup: str, now_ns: int) -> Verdict | None:
         return self._detect.detect_lineage(self.tree, cgroup, now_ns, self.params)
 
     def worst_lineage(self, cgroup: str) -> Verdict | None:
         return self._detect.worst_lineage(self.tree, cgroup, time.monotonic_ns(), self.params)
+
+    def member_test(self, origin_ref: Any) -> Callable[[int, Any], bool | None] | None:
+        """For a surgical kill: does a (frozen) process descend from the bomb's origin record?
+
+        Asked from the action thread while the main thread may still add records; it only follows
+        parent pointers, which the tree never rewrites for live records.
+        """
+        if origin_ref is None:
+            return None
+        tree, tol = self.tree, self._lineage.IDENTITY_TOLERANCE_NS
+
+        def classify(pid: int, st: Any) -> bool | None:
+            if st.start_ns + tol < origin_ref.start_ns:
+                return False  # older than the bomb: cannot descend from it
+            rec = tree.get(pid)
+            if rec is None or abs(rec.start_ns - st.start_ns) > tol:
+                return None
+            r = rec
+            while r is not None:
+                if r is origin_ref:
+                    return True
+                r = r.parent
+            return False
+
+        return classify
 
     def age(self, now_ns: int) -> int:
         return self.tree.age(now_ns)

@@ -375,16 +375,30 @@ class Watcher:
                 return None
             cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
 
-    def narrow(self, node: Node) -> Node:
-        """Walk down to the smallest watched descendant that holds nearly all of the tasks."""
+    def _baseline(self, node: Node, since_ns: int) -> int:
+        """Tasks of a cgroup at ``since_ns``, as well as its history tells."""
+        hist = node.history
+        if hist is None or not hist.samples:
+            return 0
+        before = [s.tasks for s in hist.samples if s.t_ns <= since_ns]
+        return before[-1] if before else min(s.tasks for s in hist.samples)
+
+    def narrow(self, node: Node, since_ns: int) -> Node:
+        """The smallest watched cgroup below ``node`` that accounts for nearly all of its growth.
+
+        Growth, not size: a bomb started beside a large calm sibling holds few of the parent's
+        tasks at first, and the sibling must not be taken for the bomb's home.
+        """
         cur = node
         while True:
-            total = self.count(cur)
-            best, best_n = None, 0
+            grown = self.count(cur) - self._baseline(cur, since_ns)
+            best, best_grown = None, 0
             for child in cur.children.values():
-                c = self.count(child)
-                if c > best_n:
-                    best, best_n = child, c
-            if best is None or not best.watched or total == 0 or best_n < 0.9 * total:
+                if not child.watched:
+                    continue
+                g = self.count(child) - self._baseline(child, since_ns)
+                if g > best_grown:
+                    best, best_grown = child, g
+            if best is None or grown <= 0 or best_grown < 0.9 * grown:
                 return cur
             cur = best

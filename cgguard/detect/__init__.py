@@ -62,6 +62,9 @@ class Verdict:
     lineage: frozenset[tuple[int, int]] | None = None
     family: int | None = None
     depth: int | None = None
+    # The origin's lineage record (state, not serialized): after the cgroup is frozen the action
+    # asks the tree which processes descend from it, including those forked after the verdict.
+    origin_ref: Any = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         return "; ".join(r.detail for r in self.reasons)
