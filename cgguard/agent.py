@@ -58,7 +58,8 @@ def raise_thread_priority(realtime: bool = True) -> list[str]:
         # soon as an event arrives; its hot path is event-driven and short, and the kernel's RT
         # throttling (sched_rt_runtime_us) still bounds it should it ever spin.
         try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+            # RESET_ON_FORK: nothing the agent's threads might ever spawn inherits RT priority.
+            os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
         except (OSError, AttributeError) as e:
             notes.append(f"SCHED_RR: {getattr(e, 'strerror', e)}")
     return notes
@@ -173,7 +174,9 @@ class Agent:
         self.watcher.start()
         if self.want_lineage:
             try:
-                self.lineage = LineageSource(self.cfg, self.fs, in_scope=self._in_scope)
+                self.lineage = LineageSource(
+                    self.cfg, self.fs, in_scope=self._in_scope, watched=lambda: [n.rel for n in self.watcher.watched()]
+                )
                 self.lineage.load([n.rel for n in self.watcher.watched()])
                 self.lineage_note = self.lineage.mode
             except LineageUnavailable as e:
@@ -554,15 +557,16 @@ class Agent:
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                 uid = int.from_bytes(creds[4:8], "little")
-                if uid != 0:
-                    conn.sendall(b'{"ok": false, "error": "only root may use the control socket"}\n')
-                    return
                 data = b""
                 while not data.endswith(b"\n") and len(data) < 65536:
                     chunk = conn.recv(4096)
                     if not chunk:
                         break
                     data += chunk
+                # The file is 0600 already; this also holds if someone loosens its mode.
+                if uid != 0:
+                    conn.sendall(b'{"ok": false, "error": "only root may use the control socket"}\n')
+                    return
                 try:
                     req = json.loads(data or b"{}")
                     reply = self.control(req)

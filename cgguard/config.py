@@ -109,15 +109,15 @@ class ForkFailureParams(_Model):
 
 
 class LineageDetect(_Model):
-    """The seed's rule (worst-scoring record subtree, only with a large enough family) plus growth."""
+    """The seed's rule (worst-scoring record subtree, only with a large enough family) plus replication."""
 
     enabled: bool = Field(True, description="Use this detector (needs lineage tracking).")
     min_family: int = Field(10, ge=2, description="The seed's floor: smaller families are left to the OOM killer.")
-    min_bomb_family: int = Field(48, ge=4, description="Live family size at which a replicating lineage is a bomb.")
-    min_depth: int = Field(5, ge=2, description="Generations the family must span.")
-    min_forkers: int = Field(8, ge=2, description="Distinct members that forked within the window.")
-    min_forking_generations: int = Field(4, ge=2, description="Generations that contain forkers within the window.")
-    window_ms: int = Field(2000, ge=50, description="Recent-activity window for forkers and growth.")
+    min_generations: int = Field(
+        5, ge=2, description="Clone generations in which every member forked (a bomb reaches 5 at ~32 members)."
+    )
+    min_forkers: int = Field(12, ge=2, description="Distinct forking members in the replicating chain.")
+    window_ms: int = Field(5000, ge=50, description="Forks older than this (before the newest fork) do not count.")
 
 
 class Detect(_Model):

@@ -21,7 +21,13 @@ class LineageUnavailable(Exception):
 
 
 class LineageSource:
-    def __init__(self, cfg: Config, fs: CgroupFS, in_scope: Callable[[str | None], bool]):
+    def __init__(
+        self,
+        cfg: Config,
+        fs: CgroupFS,
+        in_scope: Callable[[str | None], bool],
+        watched: Callable[[], list[str]] = lambda: [],
+    ):
         try:
             from cgguard import lineage as lineage_mod
             from cgguard import procconn
@@ -36,7 +42,8 @@ class LineageSource:
             self.conn = procconn.ProcConnector(rcvbuf=cfg.lineage.rcvbuf_mib << 20)
         except procconn.ProcConnectorUnavailable as e:
             raise LineageUnavailable(str(e)) from None
-        self.tree = lineage_mod.LineageTree(in_scope=in_scope)
+        self.watched = watched
+        self.tree = lineage_mod.LineageTree(in_scope=in_scope, fs=fs)
         self.tree.tracking_enabled = cfg.lineage.tracking
         self.tree.reset_interval_ns = cfg.lineage.reset_interval_ms * MS
         self.params = lineage_detect.LineageParams.from_config(cfg.detect.lineage)
@@ -56,7 +63,13 @@ class LineageSource:
         """Feed pending events into the tree. Returns the cgroups that saw forks since the last
         call, and whether the socket was read empty (False: more is queued, come back)."""
         n = self.conn.read(self.tree, max_events)
-        return self.tree.take_activity(), n < max_events
+        empty = n < max_events
+        if empty and self.tree.loss_pending:
+            # Events were dropped (ENOBUFS or a sequence gap): the tree may miss forks and exits.
+            # Re-read the watched cgroups from /proc once the queue is empty, so the resync sees
+            # the present and is not overtaken by queued events.
+            self.tree.resync(self.watched())
+        return self.tree.take_activity(), empty
 
     def evaluate(self, cgroup: str, now_ns: int) -> Verdict | None:
         return self._detect.detect_lineage(self.tree, cgroup, now_ns, self.params)
@@ -111,7 +124,9 @@ class LineageSource:
         return s
 
     def procconn_stats(self) -> dict[str, Any]:
-        return self.conn.stats_dict()
+        d = self.conn.stats_dict()
+        d["resyncs"] = self.tree.stats.resyncs
+        return d
 
     def close(self) -> None:
         self.conn.close()

@@ -1,0 +1,105 @@
+"""Lineage end to end: the seed's bomb beside an innocent in one cgroup, the tree, the knobs."""
+
+import json
+import os
+import time
+
+import pytest
+
+from agentproc import AgentProc
+from cgguard.workloads import WORKLOADS
+from conftest import run_cli
+
+
+@pytest.fixture
+def agent(tmp_path, sandbox):
+    a = AgentProc(str(tmp_path / "agent"), [f"{sandbox.name}/**"])
+    try:
+        a.wait_ready()
+        st = a.control({"cmd": "status"})["status"]
+        if not str(st["procconn"].get("mode", "")).startswith(("event-filter", "legacy")):
+            pytest.skip(f"proc connector unavailable here: {st['procconn']}")
+        yield a
+    finally:
+        assert a.stop() == 0, a.output()
+
+
+def test_seed_bomb_beside_innocent_sleep(sandbox, agent):
+    cg = sandbox.cgroup("session")
+    innocent = sandbox.spawn(["sleep", "600"], cg, deadline_s=60)
+    time.sleep(0.3)
+    bomb = sandbox.spawn(WORKLOADS["seed"].make(6), cg, deadline_s=8, cap=1024)
+    inc = agent.wait_incident(cg)
+    assert inc["detector"] == "lineage", inc
+    assert inc["result"] == "removed", inc
+    assert inc["action"] == "kill-lineage"
+    assert inc["survivors"] == 0
+    origin = inc["origin"]
+    assert origin["alive"] is False  # the bash that started it exited long ago: a placeholder
+    assert origin["comm"] == "bash" and "forkbomb" in (origin["cmdline"] or "")
+    assert inc["family"] >= 10 and inc["depth"] >= 2
+    time.sleep(0.3)
+    assert innocent.proc.poll() is None, "the innocent sleep was killed"
+    pids = sandbox.fs.procs(cg)
+    assert pids == [innocent.proc.pid], f"bomb left in the cgroup: {pids}"
+    assert sandbox.live_pids(bomb) == []
+    assert not sandbox.fs.frozen(cg)
+
+
+def test_tree_and_runtime_knobs(sandbox, agent):
+    cg = sandbox.cgroup("svc")
+    sandbox.spawn("sleep 30 & (sleep 30 & wait) & wait", cg, deadline_s=30)
+    time.sleep(0.5)
+    r = run_cli("tree", cg, "--json", "--control-socket", agent.sock)
+    assert r.returncode == 0, r.stderr
+    tree = json.loads(r.stdout)
+    text = json.dumps(tree)
+    assert text.count('"sleep') >= 2 or text.count("sleep 30") >= 2
+    r = run_cli("tree", cg, "--control-socket", agent.sock)
+    assert r.returncode == 0 and "sleep" in r.stdout
+
+    r = run_cli("ctl", "--control-socket", agent.sock, "reset-interval", "5000")
+    assert r.returncode == 0, r.stderr
+    st = agent.control({"cmd": "status"})["status"]
+    assert st["lineage"]["reset_interval_ms"] == 5000
+    r = run_cli("ctl", "--control-socket", agent.sock, "tracking", "disable")
+    assert r.returncode == 0 and "disabled" in r.stdout
+    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is False
+    r = run_cli("ctl", "--control-socket", agent.sock, "tracking", "enable")
+    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+    r = run_cli("ctl", "--control-socket", agent.sock, "reset-interval", "5")
+    assert r.returncode == 2 and "between 100" in r.stderr
+
+
+def test_control_socket_is_root_only(tmp_path, sandbox, agent):
+    import shutil
+    import stat
+    import subprocess
+
+    py = "/usr/bin/python3"
+    if shutil.which("setpriv") is None or not os.path.exists(py):
+        pytest.skip("setpriv (util-linux) or /usr/bin/python3 missing")
+    # Layer 1: the socket file is 0600 root.
+    assert stat.S_IMODE(os.stat(agent.sock).st_mode) == 0o600
+    # Layer 2: even with the file opened up, the agent checks SO_PEERCRED and refuses non-root.
+    # A hard link in a world-traversable directory reaches the same socket (the test's own tmp
+    # directories are root-only).
+    import tempfile
+
+    public = tempfile.mkdtemp(prefix="cgguard-ctl-", dir="/tmp")
+    os.chmod(public, 0o755)
+    link = os.path.join(public, "control.sock")
+    os.link(agent.sock, link)
+    os.chmod(link, 0o666)
+    code = (
+        "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+        "s.sendall(b'{\"cmd\": \"tracking\", \"value\": \"disable\"}\\n'); print(s.recv(4096).decode())"
+    )
+    try:
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", py, "-c", code, link],
+                           capture_output=True, text=True, timeout=10)
+    finally:
+        shutil.rmtree(public)
+    assert r.returncode == 0, r.stderr
+    assert "only root" in r.stdout
+    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
