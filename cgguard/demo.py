@@ -6,6 +6,7 @@ by itself after a deadline even if cgguard did nothing; everything is removed af
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(fs: CgroupFS, keep_state: bool = False, cap: int = 1024, deadline_s: float = 8.0) -> int:
+    logging.basicConfig(level=logging.WARNING, format="[cgguard] %(message)s")
     state = tempfile.mkdtemp(prefix="cgguard-demo-")
     sb = Sandbox.create(fs, prefix="cgguard-demo", cap=cap)
     agent: Agent | None = None

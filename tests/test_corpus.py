@@ -1,0 +1,89 @@
+"""The whole corpus against one real agent with default settings: every bomb removed with 0
+survivors and an incident each; every benign workload runs to completion untouched.
+
+Bombs are bounded (deadline) and contained (kernel task cap) by cgguard.contain.Sandbox.
+"""
+
+import os
+import tempfile
+import time
+
+import pytest
+
+from agentproc import AgentProc
+from cgguard.contain import Sandbox
+from cgguard.workloads import BENIGN, BOMBS, WORKLOADS
+from conftest import _fs_or_reason
+
+
+@pytest.fixture(scope="module")
+def corpus_env(tmp_path_factory):
+    fs, why = _fs_or_reason()
+    if fs is None:
+        pytest.skip(why)
+    sb = Sandbox.create(fs, prefix="cgguard-test", cap=1024)
+    tmp = tmp_path_factory.mktemp("corpus")
+    # Defaults everywhere but the kill budget (5 a minute): the corpus removes 8 bombs in less.
+    (tmp / "cfg.yaml").write_text("kill_budget: {max_actions: 100, per_seconds: 60}\n")
+    agent = AgentProc(str(tmp), [f"{sb.name}/**"], "--config", str(tmp / "cfg.yaml"))
+    try:
+        agent.wait_ready()
+        yield sb, agent
+    finally:
+        rc = agent.stop()
+        left = sb.close()
+        assert rc == 0, agent.output()
+        assert not left, left
+
+
+def _idle(sb):
+    # Let the machine settle between workloads so one does not bleed into the next.
+    time.sleep(0.3)
+
+
+@pytest.mark.parametrize("name", [w.name for w in BENIGN])
+def test_benign_runs_to_completion_untouched(corpus_env, name):
+    sb, agent = corpus_env
+    w = WORKLOADS[name]
+    if w.missing():
+        pytest.skip(w.missing())
+    cg = sb.cgroup(f"benign-{name}")
+    cwd = None
+    if w.setup is not None:
+        cwd = tempfile.mkdtemp(prefix=f"cgguard-{name}-")
+        w.setup(cwd)
+    argv = w.make(30)
+    if cwd:
+        argv = ["sh", "-c", f'cd "{cwd}" && exec "$@"', "sh", *argv]
+    run = sb.spawn(argv, cg, deadline_s=90)
+    rc = run.proc.wait(90)
+    assert rc == 0, f"{name} exited with {rc} (killed?)"
+    time.sleep(0.2)
+    mine = [i for i in agent.incidents() if i["cgroup"].startswith(cg)]
+    assert mine == [], f"false verdict on {name}: {mine}"
+    _idle(sb)
+
+
+@pytest.mark.parametrize("name", [w.name for w in BOMBS])
+def test_bomb_removed_with_no_survivors(corpus_env, name):
+    sb, agent = corpus_env
+    w = WORKLOADS[name]
+    if w.missing():
+        pytest.skip(w.missing())
+    if w.zombies:
+        pytest.skip("a zombie pile is visible only through pids.current (pure cgroup v2): covered by the guest tests")
+    cg = sb.cgroup(f"bomb-{name}")
+    innocents = [sb.spawn(["sleep", "60"], cg, deadline_s=60) for _ in range(w.extra.get("innocents", 0))]
+    time.sleep(0.2)
+    bomb = sb.spawn(w.make(8), cg, deadline_s=10)
+    inc = agent.wait_incident(cg, timeout=20)
+    assert inc["result"] in ("removed", "gone"), inc
+    assert inc["survivors"] == 0, inc
+    assert inc["reasons"], inc
+    time.sleep(0.3)
+    assert sb.live_pids(bomb) == [], f"{name}: bomb processes survived"
+    assert [i.proc.poll() for i in innocents] == [None] * len(innocents), f"{name}: an innocent process was killed"
+    for i in innocents:
+        i.proc.kill()  # just this process: the cgroup is shared
+        i.proc.wait(5)
+    _idle(sb)
