@@ -32,7 +32,7 @@ SYSTEMD_CONFIG = DEPLOY / "systemd" / "config.yaml"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 K8S = DEPLOY / "kubernetes"
 
-# What the agent needs, everywhere (deploy/README.md explains each). Under systemd,
+# What the agent needs, everywhere (README.md ("Deploying") explains each). Under systemd,
 # OOMScoreAdjust= is applied by systemd, so SYS_RESOURCE is not granted there.
 CAPS = {"DAC_OVERRIDE", "NET_ADMIN", "KILL", "SYS_NICE", "SYS_RESOURCE"}
 UNIT_CAPS = {"DAC_OVERRIDE", "NET_ADMIN", "KILL", "SYS_NICE"}
@@ -93,7 +93,7 @@ def test_unit_settings() -> None:
     assert one["ProtectHome"] == "yes" and one["PrivateTmp"] == "yes"
     assert set(one["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
     assert {c.removeprefix("CAP_") for c in one["CapabilityBoundingSet"].split()} == UNIT_CAPS
-    # options that would break the agent (deploy/README.md says why for each)
+    # options that would break the agent (README.md ("Deploying") says why for each)
     for key in ("PrivateNetwork", "PrivatePIDs", "PrivateUsers", "ProtectControlGroups", "ProtectKernelTunables",
                 "ProcSubset", "IPAddressDeny", "WatchdogSec", "User", "DynamicUser", "RestrictRealtime",
                 "CPUSchedulingPolicy"):

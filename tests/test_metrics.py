@@ -331,8 +331,8 @@ def test_reference_matches_scrape_and_readme() -> None:
         assert fam.documentation == spec[name].help, name
         for s in fam.samples:
             assert set(s.labels) <= set(spec[name].labels) | {"le"}, (name, s.labels)
-    readme = (REPO / "deploy" / "README.md").read_text()
-    assert reference_markdown() in readme, "deploy/README.md's metrics table is stale: paste metrics.reference_markdown()"
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "README.md metrics table is stale: paste metrics.reference_markdown()"
 
 
 def test_promtool_check_metrics() -> None:
