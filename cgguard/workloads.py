@@ -217,6 +217,10 @@ WORKLOADS: dict[str, Workload] = {
                  "tight sequential loop of short commands"),
         Workload("test-runner", "benign", _py(TEST_RUNNER), "parallel test runner: 8 workers, 48 test processes"),
         Workload("tree", "benign", _bash(BOUNDED_TREE), "bounded process tree: fan-out 5, depth 3 (156 processes)"),
+        # The classic bomb again, started next to innocent processes in the same cgroup (the runner
+        # starts extra["innocents"] 'sleep 60'): only a lineage kill removes it and spares them.
+        Workload("shared", "bomb", _bash(CLASSIC), "classic bomb in a cgroup shared with 3 innocent 'sleep 60'",
+                 extra={"innocents": 3}),
     ]
 }
 
