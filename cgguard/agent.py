@@ -25,6 +25,7 @@ from typing import Any, Callable
 import psutil
 
 from cgguard import act, incidents
+from cgguard.attribution import attribute
 from cgguard.cgroupfs import CgroupFS, adopt_cgroupns_root, own_cgroup
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
@@ -159,7 +160,11 @@ class Agent:
         self._control: socket.socket | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._snapshot: dict[str, Any] = {}
-        self._snapshot_lock = threading.Lock()
+        self._snap_cond = threading.Condition()
+        self._snap_gen = 0
+        self._snap_wanted = False
+        self._running = False
+        self._workloads: dict[str, dict[str, Any] | None] = {}
         self._proc = psutil.Process()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -179,6 +184,7 @@ class Agent:
                 )
                 self.lineage.load([n.rel for n in self.watcher.watched()])
                 self.lineage_note = self.lineage.mode
+                self.watcher.backoff = True
             except LineageUnavailable as e:
                 self.lineage = None
                 self.lineage_note = f"unavailable: {e}"
@@ -238,7 +244,7 @@ class Agent:
             sel.register(self.lineage.fileno(), selectors.EVENT_READ, "procconn")
         if self._control is not None:
             sel.register(self._control, selectors.EVENT_READ, "control")
-        last_snapshot = 0
+        self._running = True
         try:
             while not self.stop_event.is_set():
                 now = self.clock()
@@ -269,10 +275,11 @@ class Agent:
                 elif now >= self._next_age_ns:
                     self._next_age_ns = now + self.cfg.lineage.reset_interval_ms * MS
                 self._collect_results()
-                if now - last_snapshot > 250 * MS:
+                if self._snap_wanted:
                     self._refresh_snapshot()
-                    last_snapshot = now
         finally:
+            self._running = False
+            self._refresh_snapshot()
             sel.close()
 
     def stop(self) -> None:
@@ -334,16 +341,19 @@ class Agent:
     def _sample_and_check(self, node: Node, now: int) -> None:
         if node.busy or not node.watched or node.history is None:
             return
-        self.watcher.sample(node, now)
+        prev = node.history.last
+        s = self.watcher.sample(node, now)
         d = self.cfg.detect
-        for verdict in (
-            cgdetect.fork_failures(node.rel, node.history, now, d.fork_failures),
-            cgdetect.saturation(node.rel, node.history, now, d.saturation),
-            cgdetect.growth(node.rel, node.history, now, d.growth),
-        ):
-            if verdict is not None:
-                self._on_verdict(node, verdict)
-                return
+        moved = prev is None or (s.tasks, s.forks_refused) != (prev.tasks, prev.forks_refused)
+        # On an unchanged sample growth and the refusal rate cannot newly fire; saturation can
+        # (an older, not-yet-full sample leaving its hold window), so it always runs.
+        verdict = cgdetect.fork_failures(node.rel, node.history, now, d.fork_failures) if moved else None
+        verdict = verdict or cgdetect.saturation(node.rel, node.history, now, d.saturation)
+        if moved:
+            verdict = verdict or cgdetect.growth(node.rel, node.history, now, d.growth)
+        if verdict is not None:
+            self._on_verdict(node, verdict)
+            return
         if self.lineage is not None and now < node.active_until_ns:
             self._check_lineage(node, now)
 
@@ -438,15 +448,17 @@ class Agent:
         self._actions.put(Pending(inc, target, verdict))
 
     def _workload(self, rel: str) -> dict[str, Any] | None:
+        if rel in self._workloads:
+            return self._workloads[rel]
         try:
-            from cgguard.attribution import attribute
-        except ImportError:
-            return None
-        try:
-            return attribute(rel).to_dict()
+            wl: dict[str, Any] | None = attribute(rel).to_dict()
         except Exception:  # attribution must never stop an action
             log.exception("attribution of %s failed", rel)
-            return None
+            wl = None
+        if len(self._workloads) > 100_000:
+            self._workloads.clear()  # cgroups come and go; keep the cache bounded
+        self._workloads[rel] = wl
+        return wl
 
     def _write(self, inc: Incident) -> None:
         try:
@@ -609,12 +621,29 @@ class Agent:
     # -- status ----------------------------------------------------------------------------
     def _refresh_snapshot(self) -> None:
         snap = self.snapshot(full=True)
-        with self._snapshot_lock:
+        with self._snap_cond:
             self._snapshot = snap
+            self._snap_gen += 1
+            self._snap_wanted = False
+            self._snap_cond.notify_all()
 
-    def latest_snapshot(self) -> dict[str, Any]:
-        """Thread-safe copy for the HTTP thread (built by the main thread every 250 ms)."""
-        with self._snapshot_lock:
+    def latest_snapshot(self, timeout_s: float = 1.0) -> dict[str, Any]:
+        """For other threads (the HTTP server): a fresh snapshot built by the main thread.
+
+        Built on request rather than periodically: a scrape every 15 s costs one walk of the
+        watched cgroups, where a timer would walk 1,000 calm cgroups several times a second for
+        nobody. If the loop does not answer in time, the last snapshot is returned.
+        """
+        with self._snap_cond:
+            if not self._running:
+                return dict(self._snapshot)
+            gen = self._snap_gen
+            self._snap_wanted = True
+            try:
+                os.write(self._wake_w, b"m")
+            except OSError:
+                pass
+            self._snap_cond.wait_for(lambda: self._snap_gen != gen, timeout=timeout_s)
             return dict(self._snapshot)
 
     def snapshot(self, full: bool = False) -> dict[str, Any]:

@@ -73,11 +73,20 @@ class Sampling(_Model):
     fast_interval_ms: int = Field(20, ge=5, le=1000, description="Interval while a cgroup grows.")
     slow_interval_ms: int = Field(1000, ge=100, le=60000, description="Interval while a cgroup is calm.")
     calm_after_ms: int = Field(2000, ge=100, description="Stay fast this long after the last growth.")
+    calm_backoff_max_ms: int = Field(
+        4000,
+        ge=100,
+        le=60000,
+        description="With the proc connector on, an unchanged calm cgroup is sampled ever more rarely, up to this; "
+        "a fork in it wakes it at once.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> "Sampling":
         if self.fast_interval_ms > self.slow_interval_ms:
             raise ValueError("fast_interval_ms must not exceed slow_interval_ms")
+        if self.calm_backoff_max_ms < self.slow_interval_ms:
+            raise ValueError("calm_backoff_max_ms must not be below slow_interval_ms")
         return self
 
 

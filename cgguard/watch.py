@@ -30,6 +30,7 @@ from cgguard.samples import History, Sample
 log = logging.getLogger("cgguard.watch")
 
 MS = 1_000_000
+CALM_GRID_NS = 250 * MS
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
 
@@ -127,6 +128,9 @@ class Watcher:
         self.on_removed: Callable[[Node], None] = lambda n: None
         self.samples_taken = 0
         self.ready = False
+        # Set by the agent when fork events (proc connector) wake cgroups: only then may calm
+        # cgroups back off beyond slow_interval_ms.
+        self.backoff = False
 
     # -- glob logic ------------------------------------------------------------------------
     def matches(self, rel: str) -> bool:
@@ -282,7 +286,12 @@ class Watcher:
     # -- sampling --------------------------------------------------------------------------
     def _schedule(self, node: Node, now: int, interval_ns: int) -> None:
         node.interval_ns = interval_ns
-        node.due_ns = now + interval_ns
+        due = now + interval_ns
+        if interval_ns >= self.sampling.slow_interval_ms * MS:
+            # Calm cgroups share a coarse grid, so 1,000 of them cost a few wake-ups a second
+            # instead of a thousand; a calm count a few hundred ms late changes nothing.
+            due = -(-due // CALM_GRID_NS) * CALM_GRID_NS
+        node.due_ns = due
         self._seq += 1
         heapq.heappush(self._heap, (node.due_ns, self._seq, node))
 
@@ -356,8 +365,14 @@ class Watcher:
         if grew or refused_more:
             node.active_until_ns = now + self.sampling.calm_after_ms * MS
         node.last_tasks = tasks
-        interval = self.sampling.fast_interval_ms if now < node.active_until_ns else self.sampling.slow_interval_ms
-        self._schedule(node, now, interval * MS)
+        slow = self.sampling.slow_interval_ms * MS
+        if now < node.active_until_ns:
+            interval = self.sampling.fast_interval_ms * MS
+        elif self.backoff and prev is not None and tasks == prev.tasks and node.interval_ns >= slow:
+            interval = min(2 * node.interval_ns, self.sampling.calm_backoff_max_ms * MS)
+        else:
+            interval = slow
+        self._schedule(node, now, interval)
         return s
 
     # -- queries ---------------------------------------------------------------------------
