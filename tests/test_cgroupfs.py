@@ -49,7 +49,10 @@ def test_this_host_root_found_from_mountinfo(cgfs):
 
 def test_counts_kill_freeze_on_real_cgroup(cgfs, sandbox):
     cg = sandbox.cgroup("work")
-    w = sandbox.spawn(["python3", "-c", "import threading,time\n"
+    import sys
+
+    # sys.executable, not "python3": a pyenv shim would add a bash process in between
+    w = sandbox.spawn([sys.executable, "-c", "import threading,time\n"
                        "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(4)]\n"
                        "time.sleep(30)"], cg, deadline_s=30)
     deadline = time.monotonic() + 5
