@@ -195,6 +195,7 @@ def kill_lineage(
     classify: Classify | None = None,
     origin_start_ns: int | None = None,
     settle: Callable[[], None] | None = None,
+    unmatched_fallback: bool = True,
 ) -> ActionResult:
     """Surgical removal of one lineage from a cgroup it shares with innocent processes."""
     t0 = time.monotonic()
@@ -239,6 +240,17 @@ def kill_lineage(
         res.notes.append(f"{guessed} processes without a lineage record taken as members (orphans or children of members)")
     res.innocents = len(procs) - len(bomb)
     if not bomb:
+        if not unmatched_fallback:
+            # The lineage is not (or no longer) in this cgroup: killing the cgroup instead would
+            # kill only processes nobody has shown to be the bomb.
+            res.notes.append("no live member of the lineage found in the frozen cgroup: nothing killed")
+            try:
+                fs.freeze(rel, False)
+            except CgroupError:
+                pass
+            res.result = "not-found"
+            res.survivors = 0
+            return res
         return fall_back("no live member of the lineage found in the frozen cgroup")
     if res.innocents == 0:
         # The lineage is the whole cgroup after all: the atomic kill is simpler and complete.

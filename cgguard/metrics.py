@@ -57,7 +57,7 @@ OTHER = "_other"
 # Pairs outside this table are still counted; they just start at their first event.
 OUTCOMES: dict[str, tuple[str, ...]] = {
     "kill-cgroup": ("removed", "gone", "timeout", "failed"),
-    "kill-lineage": ("removed", "gone", "timeout", "failed"),
+    "kill-lineage": ("removed", "gone", "timeout", "failed", "not-found"),
     "freeze": ("frozen", "gone", "timeout", "failed"),
     "report": ("reported", "refused"),
 }

@@ -87,3 +87,15 @@ def test_wait_events_returns_none_when_cgroup_vanishes(cgfs, sandbox):
     cg = sandbox.cgroup("vanish")
     os.rmdir(cgfs.abspath(cg))
     assert act.wait_events(cgfs, cg, lambda ev: False, 0.2) is None
+
+
+def test_kill_lineage_without_fallback_never_kills_unmatched_processes(cgfs, sandbox):
+    """A lineage verdict whose members are not in the cgroup: nothing there is shown to be the
+    bomb, so nothing is killed (a cgroup-level fallback would be a false kill)."""
+    cg = sandbox.cgroup("unmatched")
+    bystander = sandbox.spawn(["sleep", "60"], cg, deadline_s=60)
+    assert wait_for(lambda: cgfs.populated(cg))
+    ghost = frozenset({(4_000_000, 1)})
+    res = act.kill_lineage(cgfs, cg, ghost, fallback=lambda rel: act.kill_cgroup(cgfs, rel), unmatched_fallback=False)
+    assert res.result == "not-found" and res.survivors == 0
+    assert bystander.proc.poll() is None and not cgfs.frozen(cg)
