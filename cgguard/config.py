@@ -127,6 +127,9 @@ class LineageDetect(_Model):
     )
     min_forkers: int = Field(12, ge=2, description="Distinct forking members in the replicating chain.")
     window_ms: int = Field(5000, ge=50, description="Forks older than this (before the newest fork) do not count.")
+    wide_min_generations: int = Field(3, ge=2, description="Wide replication: clone generations (fork-loop bombs at a cap).")
+    wide_min_forkers: int = Field(64, ge=2, description="Wide replication: distinct forking members.")
+    wide_min_family: int = Field(512, ge=10, description="Wide replication: live descendants.")
 
 
 class Detect(_Model):

@@ -211,6 +211,7 @@ class LineageTree:
         exec_reads_per_s: int = 2000,
         negative_cache_size: int = 16384,
         hot_clone_depth: int = 5,
+        wide_clone_depth: int = 3,
     ):
         self.in_scope = in_scope
         self.cgroup_of = cgroup_of
@@ -226,6 +227,7 @@ class LineageTree:
         self.negative_cache_size = negative_cache_size
         # Forks at this many clone generations mark their cgroup hot (see take_hot).
         self.hot_clone_depth = hot_clone_depth
+        self.wide_clone_depth = wide_clone_depth
 
         self._live: dict[int, Record] = {}
         self._members: dict[str, set[Record]] = {}
@@ -235,6 +237,8 @@ class LineageTree:
         self.forks_by_cgroup: dict[str, int] = {}
         self._forks_seen: dict[str, int] = {}
         self.deep_fork_ns: dict[str, int] = {}
+        # ... and when one last reached wide_clone_depth (for wide, shallow replication).
+        self.wide_fork_ns: dict[str, int] = {}
         self._nrec = 0
         self._tokens = float(exec_reads_per_s)
         self._tokens_ts = 0
@@ -387,8 +391,10 @@ class LineageTree:
         if members is None:
             members = self._members[rec.cgroup] = set()
         members.add(rec)
-        if rec.cdepth >= self.hot_clone_depth:
-            self._deep(rec.cgroup, rec.cdepth, rec.start_ns)
+        if rec.cdepth >= self.wide_clone_depth:
+            self.wide_fork_ns[rec.cgroup] = rec.start_ns
+            if rec.cdepth >= self.hot_clone_depth:
+                self._deep(rec.cgroup, rec.cdepth, rec.start_ns)
 
     def _end(self, rec: Record, ts_ns: int) -> None:
         """The process exited (or its exit was missed): keep a placeholder only for children."""
@@ -665,7 +671,7 @@ class LineageTree:
             # Freed records (with the placeholders freed on the way up) and detached ones.
             forgotten = before - self._nrec + sum(1 for r in kept if not r.flags & FREED)
             self._stats.forgotten_total += forgotten
-        for table in (self.deep_fork_ns, self.forks_by_cgroup, self._forks_seen):
+        for table in (self.deep_fork_ns, self.wide_fork_ns, self.forks_by_cgroup, self._forks_seen):
             for cg in [cg for cg in table if cg not in self._members]:
                 del table[cg]
         return forgotten
@@ -720,6 +726,15 @@ class LineageTree:
         generations, or None if none did while its records were kept."""
         ts = [t for cg, t in self.deep_fork_ns.items() if _within(cg, cgroup, subtree)]
         return max(ts) if ts else None
+
+    def wide_forks_since(self, cgroup: str, subtree: bool = True) -> int | None:
+        """When a fork in the cgroup (subtree) last reached ``wide_clone_depth`` clone generations."""
+        ts = [t for cg, t in self.wide_fork_ns.items() if _within(cg, cgroup, subtree)]
+        return max(ts) if ts else None
+
+    def count_in(self, cgroup: str, subtree: bool = True) -> int:
+        """Records (live and placeholders) kept for the cgroup (subtree), without walking them."""
+        return sum(len(m) for cg, m in self._members.items() if _within(cg, cgroup, subtree))
 
     def describe(self, rec: Record) -> tuple[str | None, str | None]:
         """(comm, cmdline), read from /proc once if the record exec'd and was not read yet.

@@ -588,3 +588,47 @@ def test_real_parallel_work_is_not_flagged(sandbox, script):
         sb.kill(w)
     finally:
         conn.close()
+
+
+def test_wide_shallow_fork_loop_bush_is_flagged():
+    """A fork-loop bomb on a busy 2-core host can fill its cap as a bush only 3-4 clone
+    generations deep (measured: the C loop at pids.max 1024 gave chain 4 and ~100 forkers) and
+    never reach min_generations. The wide rule catches it; the bounded worker tree above (fan-out
+    5, depth 3, 31 forkers, 155 processes) stays below it."""
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    root = sim.start("cbomb", "./cbomb 8")
+    level = [root]
+    for fanout in (40, 8, 2, 1):
+        nxt = []
+        for p in level:
+            for _ in range(fanout):
+                nxt.append(sim.fork(p, dt=20_000))
+                w.step()
+        level = nxt
+    assert w.verdict is not None
+    assert w.verdict.reasons[0].values["rule"] == "wide"
+    assert w.live_at_verdict is not None and w.live_at_verdict < 1024
+
+
+def test_bounded_tree_running_a_command_per_leaf_is_spared():
+    """The bench's 'tree': bash subshells fan-out 5, depth 3, each leaf starting a 'sleep'. Its
+    forkers (156) and clone chain (4) look like the wide bush; only its size (312) is smaller."""
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    root = sim.start("bash", "bash -c t(){ ...; }; t 3")
+    level = [root]
+    for _ in range(3):
+        nxt = []
+        for p in level:
+            for _ in range(5):
+                nxt.append(sim.fork(p, dt=100_000))
+                w.step()
+        level = nxt
+    for leaf in level:
+        sleeper = sim.fork(leaf, dt=50_000)
+        w.step()
+        sim.exec(sleeper, "sleep", "sleep 2")
+        w.step()
+    assert sim.live_in_scope() == 156 + 125
+    assert_spared(w)

@@ -70,6 +70,14 @@ class LineageParams:
     min_generations: int = 5
     min_forkers: int = 12
     window_s: float = 5.0
+    # Wide, shallow replication: a fork-loop bomb on a busy machine can fill its cgroup's cap
+    # as a bush only 3-4 clone generations deep with ~100 forkers (measured with the C loop at
+    # pids.max 1024), never reaching min_generations. Shape alone cannot tell it from a bounded
+    # tree of real work (fan-out 5, depth 3, a command per leaf: chain 4, 156 forkers), so the
+    # size decides: such a tree holds 312 processes, the bush is flagged past 512.
+    wide_min_generations: int = 3
+    wide_min_forkers: int = 64
+    wide_min_family: int = 512
 
     @classmethod
     def from_config(cls, c: object) -> "LineageParams":
@@ -82,6 +90,9 @@ class LineageParams:
             min_generations=int(getattr(c, "min_generations", d.min_generations)),
             min_forkers=int(getattr(c, "min_forkers", d.min_forkers)),
             window_s=float(getattr(c, "window_s", d.window_s if window_ms is None else window_ms / 1000.0)),
+            wide_min_generations=int(getattr(c, "wide_min_generations", d.wide_min_generations)),
+            wide_min_forkers=int(getattr(c, "wide_min_forkers", d.wide_min_forkers)),
+            wide_min_family=int(getattr(c, "wide_min_family", d.wide_min_family)),
         )
 
 
@@ -93,6 +104,7 @@ def cgroups_to_evaluate(tree: LineageTree, params: LineageParams = LineageParams
     needs no evaluation. The call consumes the tree's marks.
     """
     tree.hot_clone_depth = params.min_generations
+    tree.wide_clone_depth = params.wide_min_generations
     return {cg: d for cg, d in tree.take_hot().items() if d >= params.min_generations}
 
 
@@ -149,10 +161,13 @@ def detect_lineage(
     if tree.hot_clone_depth <= params.min_generations:
         # A replicating chain of min_generations leaves a fork that deep: without one the
         # cgroup cannot qualify, and the walk below is skipped (the common case for builds).
-        if tree.deep_forks_since(cgroup) is None:
+        if tree.deep_forks_since(cgroup) is None and (
+            tree.wide_forks_since(cgroup) is None or tree.count_in(cgroup) < params.wide_min_family
+        ):
             return None
     else:
         tree.hot_clone_depth = params.min_generations
+    tree.wide_clone_depth = params.wide_min_generations
     members, roots = tree.forest(cgroup)
     if len(members) <= params.min_family:
         return None
@@ -161,10 +176,11 @@ def detect_lineage(
     w = _measure(members, roots, horizon)
 
     def qualifies(r: Record) -> bool:
-        return (
-            w.chain[r] >= params.min_generations
-            and w.forkers[r] >= params.min_forkers
-            and w.family[r] >= params.min_family
+        deep = w.chain[r] >= params.min_generations and w.forkers[r] >= params.min_forkers and w.family[r] >= params.min_family
+        return deep or (
+            w.chain[r] >= params.wide_min_generations
+            and w.forkers[r] >= params.wide_min_forkers
+            and w.family[r] >= params.wide_min_family
         )
 
     # The top of each replicating chain: a qualifying record whose parent does not qualify
@@ -197,11 +213,20 @@ def detect_lineage(
     gens, forkers = w.chain[origin], w.forkers[origin]
     incomplete = tree.is_incomplete(cgroup)
     who = f"{comm or '?'}[{origin.tgid}]" + ("" if origin.alive else " (exited)")
+    deep = gens >= params.min_generations and forkers >= params.min_forkers
+    shape = "" if deep else f" (wide: {family} live descendants)"
     reasons = (
         Reason(
             "lineage-replication",
-            f"{forkers} copies of {who} forked further copies over {gens} generations",
-            {"forkers": forkers, "generations": gens, "window_s": params.window_s, "min_generations": params.min_generations},
+            f"{forkers} copies of {who} forked further copies over {gens} generations{shape}",
+            {
+                "forkers": forkers,
+                "generations": gens,
+                "window_s": params.window_s,
+                "rule": "deep" if deep else "wide",
+                "min_generations": params.min_generations if deep else params.wide_min_generations,
+                "min_forkers": params.min_forkers if deep else params.wide_min_forkers,
+            },
         ),
         Reason(
             "lineage-family",
