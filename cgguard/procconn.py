@@ -579,14 +579,9 @@ int main(int argc, char **argv) {
 
 def compile_fork_loop(workdir: str) -> str:
     """Compile the bounded C fork loop into ``workdir``; returns the binary's path."""
-    import subprocess
+    from cgguard.workloads import compile_c
 
-    src = os.path.join(workdir, "forkloop.c")
-    exe = os.path.join(workdir, "forkloop")
-    with open(src, "w") as f:
-        f.write(_FORK_LOOP_C)
-    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True, capture_output=True)
-    return exe
+    return compile_c(_FORK_LOOP_C, "forkloop", workdir)
 
 
 class _CountingSink:

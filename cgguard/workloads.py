@@ -126,15 +126,20 @@ int main(int argc, char **argv) {
 """
 
 
-def c_fork_binary(workdir: str | None = None) -> str:
-    """Compile the C fork-loop bomb once (into ``workdir`` or a temp dir); returns its path."""
-    workdir = workdir or tempfile.mkdtemp(prefix="cgguard-cbomb-")
-    src, out = os.path.join(workdir, "cbomb.c"), os.path.join(workdir, "cbomb")
+def compile_c(source: str, name: str, workdir: str | None = None) -> str:
+    """Compile a one-file C program once into ``workdir`` (or a temp dir); returns its path."""
+    workdir = workdir or tempfile.mkdtemp(prefix=f"cgguard-{name}-")
+    src, out = os.path.join(workdir, f"{name}.c"), os.path.join(workdir, name)
     if not os.path.exists(out):
         with open(src, "w") as f:
-            f.write(C_FORK_SRC)
+            f.write(source)
         subprocess.run(["gcc", "-O2", "-o", out, src], check=True, capture_output=True)
     return out
+
+
+def c_fork_binary(workdir: str | None = None) -> str:
+    """The C fork-loop bomb, compiled."""
+    return compile_c(C_FORK_SRC, "cbomb", workdir)
 
 
 # -- benign --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cgguard import lineage
 from cgguard.workloads import BENIGN, BOMBS, WORKLOADS, Workload
 
 CAP = 1024  # the kernel task cap of every workload (<= 2048 by the bench's safety rules)
@@ -172,6 +173,10 @@ def main(args: Any) -> int:
             _say(f"agent cost: idle and with {plan.calm_cgroups} calm cgroups, {plan.cost_window_s:g} s each")
             res["agent_cost"] = attempt("agent cost", lambda: runner.agent_cost(
                 fs, b.tmp, plan.cost_window_s, plan.calm_cgroups, log=_say, own=sb.name))
+        if plan.cost and within_budget("lineage bookkeeping", 10):
+            n = 20_000 if quick else 100_000
+            _say(f"lineage bookkeeping: {n} synthetic records")
+            res["lineage_bookkeeping"] = attempt("lineage bookkeeping", lambda: lineage.measure_bookkeeping(n))
         if plan.events and within_budget("proc-connector probe", 15):
             _say("proc connector: events received vs generated")
             res["events"] = attempt("events", lambda: runner.events_probe(b, plan.events, log=_say))

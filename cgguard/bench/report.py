@@ -142,6 +142,10 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         v = cost["calm"]["cpu_pct"]
         target("agent_cpu_pct_1000_calm", "<= 0.5 % of a core", v, v <= 0.5,
                f"{cost['calm']['watched_cgroups']} cgroups watched, {cost['window_s']:g} s window")
+    lin = res.get("lineage_bookkeeping") or {}
+    if "bytes_per_record" in lin:
+        target("lineage_bytes_per_record", "<= 600", lin["bytes_per_record"], lin["bytes_per_record"] <= 600,
+               f"tracemalloc over {lin['records']} records; RSS {lin['rss_bytes_with_records'] / 2**20:.1f} MiB with them held")
     cg_benign = [r for r in benign if r.method == "cgguard"]
     if cg_benign:
         fk = [r.workload for r in cg_benign if r.false_kill]
@@ -284,6 +288,16 @@ def markdown(res: dict[str, Any]) -> str:
                               _f(x["seq_gaps"]), _f(x["incidents"])] for x in ev["runs"]])
             if ev.get("note"):
                 L += [f"Proc connector: {ev['note']}.", ""]
+
+    lin = res.get("lineage_bookkeeping")
+    if lin:
+        L += ["## Lineage bookkeeping (synthetic bomb-shaped stream, one core)", ""]
+        L += _table(
+            ["records", "µs per fork", "µs per exit", "µs per event (fork+exit churn)", "bytes per record",
+             "RSS with the records held, MiB"],
+            [[_f(lin["records"]), _f(lin["us_per_fork"], 2), _f(lin["us_per_exit"], 2), _f(lin["us_per_churn_event"], 2),
+              _f(lin["bytes_per_record"]), _f(lin["rss_bytes_with_records"] / 2**20, 1)]],
+        )
 
     summ = res.get("targets") or {}
     if summ:

@@ -30,7 +30,7 @@ from typing import Any
 from cgguard.cgroupfs import CgroupError, CgroupFS
 from cgguard.contain import Sandbox
 from cgguard.contain import Workload as Running
-from cgguard.workloads import Workload
+from cgguard.workloads import Workload, compile_c
 
 from .agentproc import AgentProcess, AgentStartError
 from .sampler import Sampler, Series, realtime, set_realtime
@@ -442,7 +442,9 @@ def agent_cost(fs: CgroupFS, tmp: str, window_s: float, calm: int, log=print, ow
             try:
                 st = a.wait_ready(timeout=60)
                 watched = len(st.get("cgroups", []))
-                time.sleep(2.0)  # start-up (tree walk, inotify watches, /proc scan) is not steady state
+                # Start-up (tree walk, inotify watches, /proc scan) is not steady state, and calm
+                # cgroups back off from 1 s to 4 s between samples over their first ~7 s.
+                time.sleep(8.0)
                 busy = other_sandboxes(fs, sb.name, own)
                 # Its proc connector hears every process event on the host: count what it heard
                 # during the window, so a busy host shows as such next to the CPU figure.
@@ -496,12 +498,7 @@ int main(int argc, char **argv) {
 
 
 def forkn_binary(workdir: str) -> str:
-    src, out = os.path.join(workdir, "forkn.c"), os.path.join(workdir, "forkn")
-    if not os.path.exists(out):
-        with open(src, "w") as f:
-            f.write(FORKN_SRC)
-        subprocess.run(["gcc", "-O2", "-o", out, src], check=True, capture_output=True)
-    return out
+    return compile_c(FORKN_SRC, "forkn", workdir)
 
 
 def _pc(st: dict[str, Any]) -> dict[str, Any]:
