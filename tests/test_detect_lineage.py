@@ -411,18 +411,24 @@ def test_tight_sequential_loop():
     assert_spared(w)
 
 
+def grow_tree(sim: Sim, w: Watch, root: int, fanouts: tuple[int, ...], dt: int) -> list[int]:
+    """Fork a clone tree level by level (``fanouts[i]`` children per process of level i),
+    evaluating after every fork; returns the last level."""
+    level = [root]
+    for fanout in fanouts:
+        nxt = []
+        for p in level:
+            for _ in range(fanout):
+                nxt.append(sim.fork(p, dt=dt))
+                w.step()
+        level = nxt
+    return level
+
+
 def test_bounded_worker_tree_fanout_5_depth_3():
     sim = Sim()
     w = Watch(sim, strict=True)
-    root = sim.start("python3", "python3 tree.py")
-    level = [root]
-    for _ in range(3):
-        nxt = []
-        for p in level:
-            for _ in range(5):
-                nxt.append(sim.fork(p, dt=100_000))
-                w.step()
-        level = nxt
+    grow_tree(sim, w, sim.start("python3", "python3 tree.py"), (5, 5, 5), dt=100_000)
     assert sim.live_in_scope() == 156
     assert_spared(w)
     sim.tick(10 * S)
@@ -597,15 +603,7 @@ def test_wide_shallow_fork_loop_bush_is_flagged():
     5, depth 3, 31 forkers, 155 processes) stays below it."""
     sim = Sim()
     w = Watch(sim, strict=True)
-    root = sim.start("cbomb", "./cbomb 8")
-    level = [root]
-    for fanout in (40, 8, 2, 1):
-        nxt = []
-        for p in level:
-            for _ in range(fanout):
-                nxt.append(sim.fork(p, dt=20_000))
-                w.step()
-        level = nxt
+    grow_tree(sim, w, sim.start("cbomb", "./cbomb 8"), (40, 8, 2, 1), dt=20_000)
     assert w.verdict is not None
     assert w.verdict.reasons[0].values["rule"] == "wide"
     assert w.live_at_verdict is not None and w.live_at_verdict < 1024
@@ -616,16 +614,8 @@ def test_bounded_tree_running_a_command_per_leaf_is_spared():
     forkers (156) and clone chain (4) look like the wide bush; only its size (312) is smaller."""
     sim = Sim()
     w = Watch(sim, strict=True)
-    root = sim.start("bash", "bash -c t(){ ...; }; t 3")
-    level = [root]
-    for _ in range(3):
-        nxt = []
-        for p in level:
-            for _ in range(5):
-                nxt.append(sim.fork(p, dt=100_000))
-                w.step()
-        level = nxt
-    for leaf in level:
+    leaves = grow_tree(sim, w, sim.start("bash", "bash -c t(){ ...; }; t 3"), (5, 5, 5), dt=100_000)
+    for leaf in leaves:
         sleeper = sim.fork(leaf, dt=50_000)
         w.step()
         sim.exec(sleeper, "sleep", "sleep 2")
