@@ -418,6 +418,13 @@ class Agent:
                 f"{self.cfg.kill_budget.per_seconds:g}s): reporting only"
             )
             action = Action.report
+        if action == Action.auto and not verdict.lineage and self.lineage is not None:
+            # A cgroup-level verdict (growth, pids.max) in a cgroup that may be shared: if one
+            # lineage holds most of the tasks, remove it surgically and spare the rest.
+            lin = self.lineage.worst_lineage(target.rel)
+            if lin is not None and lin.family is not None and lin.family * 2 >= max(verdict.tasks, 1):
+                verdict = lin_verdict(verdict, lin)
+                notes.append(f"one lineage holds {lin.family} of {verdict.tasks} tasks: removing it surgically")
         if action == Action.auto:
             action = Action.kill_lineage if verdict.lineage else Action.kill_cgroup
         if action == Action.kill_lineage and not verdict.lineage:
@@ -712,4 +719,5 @@ def lin_verdict(v: Verdict, lin: Verdict) -> Verdict:
         lineage=lin.lineage,
         family=lin.family,
         depth=lin.depth,
+        origin_ref=lin.origin_ref,
     )

@@ -103,3 +103,64 @@ def test_control_socket_is_root_only(tmp_path, sandbox, agent):
     assert r.returncode == 0, r.stderr
     assert "only root" in r.stdout
     assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+
+
+def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path, sandbox):
+    """auto + a cgroup-level verdict (as pids.max saturation gives on pure v2): when one lineage
+    holds most tasks it is removed surgically, and the cgroup's other processes live on."""
+    import threading
+
+    from cgguard import config
+    from cgguard.agent import Agent
+    from cgguard.detect import Reason, Verdict
+
+    cg = sandbox.cgroup("shared")
+    innocent = sandbox.spawn(["sleep", "60"], cg, deadline_s=60)
+    cfg = config.build({"watch": [f"{sandbox.name}/*"], "state_dir": str(tmp_path / "st"), "listen": "",
+                        "control_socket": "", "realtime": False})
+    got = []
+    agent = Agent(cfg, sandbox.fs, on_incident=got.append)
+    agent.setup()
+    if agent.lineage is None:
+        pytest.skip(f"proc connector unavailable: {agent.lineage_note}")
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.3)
+        # A bounded family of 1 + 20 sleeping processes: big enough to be "the" lineage.
+        family = sandbox.spawn("for i in $(seq 20); do sleep 60 & done; wait", cg, deadline_s=60)
+        deadline = time.monotonic() + 5
+        while len(sandbox.fs.procs(cg)) < 22 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # let the agent read the fork events
+        node = agent.watcher.nodes[cg]
+        now = agent.clock()
+        fake = Verdict(cg, "saturation", (Reason("pids-max-saturated", "test verdict", {}),), 22, now, now)
+        # The verdict goes through the real decision path on the agent's own loop thread (which
+        # owns the tree): hooked into the loop's per-iteration step, once.
+        done = threading.Event()
+        orig = agent._collect_results
+
+        def inject():
+            agent._on_verdict(node, fake)
+            agent._collect_results = orig
+            done.set()
+            orig()
+
+        agent._collect_results = inject
+        assert done.wait(5)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got, "no incident"
+        inc = got[0]
+        assert inc["action"] == "kill-lineage" and inc["result"] == "removed", inc
+        assert any("surgically" in n for n in inc["notes"])
+        time.sleep(0.2)
+        assert innocent.proc.poll() is None
+        assert sandbox.fs.procs(cg) == [innocent.proc.pid]
+        assert sandbox.live_pids(family) == []
+    finally:
+        agent.stop()
+        t.join(5)
+        agent.close()
