@@ -20,6 +20,10 @@ MOUNTINFO = "/proc/self/mountinfo"
 class CgroupError(Exception):
     """A cgroupfs operation failed for a reason worth reporting."""
 
+    def __init__(self, msg: str, errno_: int | None = None):
+        super().__init__(msg)
+        self.errno = errno_
+
 
 class CgroupGone(CgroupError):
     """The cgroup vanished while we worked on it (its processes exited, someone removed it)."""
@@ -278,9 +282,10 @@ class CgroupFS:
         try:
             os.write(fd, value.encode())
         except OSError as e:
-            if _gone(e):
+            # ESRCH here is about the pid written (it exited), not about the cgroup.
+            if e.errno in (errno.ENOENT, errno.ENODEV):
                 raise CgroupGone(f"{rel or '/'}: writing {name}: {e.strerror}") from None
-            raise CgroupError(f"{rel or '/'}: writing {value!r} to {name}: {e.strerror}") from None
+            raise CgroupError(f"{rel or '/'}: writing {value!r} to {name}: {e.strerror}", e.errno) from None
         finally:
             os.close(fd)
 
@@ -394,7 +399,7 @@ class CgroupFS:
             raise
         except CgroupError as e:
             # ESRCH: the process exited between listing and moving: nothing left to move.
-            if "No such process" in str(e):
+            if e.errno == errno.ESRCH:
                 return False
             raise
 

@@ -105,3 +105,13 @@ def test_adopt_cgroupns_root_inside_a_private_cgroup_namespace(cgfs, sandbox):
                       own, deadline_s=20, stdout=subprocess.PIPE)
     out, _ = w.proc.communicate(timeout=15)
     assert out.decode().split() == [own, own, other]
+
+
+def test_moving_an_exited_process_is_not_a_vanished_cgroup(cgfs, sandbox):
+    import subprocess
+
+    cg = sandbox.cgroup("dest")
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert cgfs.move_process(cg, p.pid) is False  # the pid is gone; the cgroup is fine
+    assert cgfs.exists(cg)
