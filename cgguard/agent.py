@@ -142,7 +142,8 @@ class Agent:
         self.log = IncidentLog(cfg.state_dir)
         self.watcher = Watcher(fs, cfg.watch, cfg.protect, cfg.sampling)
         self.budget = KillBudget(cfg.kill_budget.max_actions, cfg.kill_budget.per_seconds)
-        self.want_lineage = cfg.lineage.tracking if lineage is None else lineage
+        # The connector stays open with tracking disabled, so 'ctl tracking enable' can turn it on.
+        self.want_lineage = cfg.lineage.connector if lineage is None else lineage
         self.lineage: LineageSource | None = None
         self.lineage_note = "off"
         self.on_incident = on_incident
@@ -293,6 +294,13 @@ class Agent:
 
     def close(self) -> None:
         self._actions.put(None)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        # A late write from another thread must fail (EBADF), not land in a reused fd number.
+        self._wake_r = self._wake_w = -1
         if self._control is not None:
             try:
                 os.unlink(self.cfg.control_socket)

@@ -56,7 +56,7 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
         "log_level": a.log_level,
     }
     if getattr(a, "no_lineage", False):
-        o["lineage.tracking"] = False
+        o["lineage.connector"] = False
     return o
 
 

@@ -144,7 +144,10 @@ class Detect(_Model):
 class Lineage(_Model):
     """Lineage tracking through the proc connector, with the seed's aging knobs."""
 
-    tracking: bool = Field(True, description="Track process lineage (the seed's mm_tracker_enable).")
+    connector: bool = Field(True, description="Listen to the proc connector at all; false: sampling only (--no-lineage).")
+    tracking: bool = Field(
+        True, description="Make lineage records (the seed's mm_tracker_enable); 'cgguard ctl tracking' flips it at run time."
+    )
     reset_interval_ms: int = Field(
         30000, ge=100, le=2**32 - 1, description="Aging interval (the seed's mm_tracker_reset_interval_msecs)."
     )

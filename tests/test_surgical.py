@@ -164,3 +164,20 @@ def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path
         agent.stop()
         t.join(5)
         agent.close()
+
+
+def test_tracking_off_in_config_can_be_enabled_at_run_time(tmp_path, sandbox):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lineage: {tracking: false, reset_interval_ms: 7000}\n")
+    a = AgentProc(str(tmp_path / "agent"), [f"{sandbox.name}/**"], "--config", str(cfg))
+    try:
+        a.wait_ready()
+        lin = a.control({"cmd": "status"})["status"]["lineage"]
+        if "records" not in lin:
+            pytest.skip(f"proc connector unavailable here: {lin}")
+        assert lin["tracking"] is False and lin["reset_interval_ms"] == 7000
+        r = run_cli("ctl", "--control-socket", a.sock, "tracking", "enable")
+        assert r.returncode == 0, r.stderr
+        assert a.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+    finally:
+        assert a.stop() == 0, a.output()
