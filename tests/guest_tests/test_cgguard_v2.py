@@ -47,16 +47,24 @@ def enable(fs, cgroup: str, *controllers: str) -> None:
     fs.write(cgroup, "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
 
 
+def leaf_under_pids(fs, make_cgroup, name: str, pids_max: str = "max") -> tuple[str, str]:
+    """A fresh ``<top>/<name>`` whose parent hands down the pids controller (pids.current,
+    pids.peak, pids.events exist), with ``pids.max`` set. Returns (top, leaf)."""
+    top = make_cgroup(name)
+    enable(fs, top, "pids")
+    cg = f"{top}/{name}"
+    fs.mkdir(cg)
+    fs.write(cg, "pids.max", pids_max)
+    return top, cg
+
+
 def removed(fs, cgroup: str, wait_until) -> None:
     wait_until(lambda: not fs.populated(cgroup), f"{cgroup} to show populated 0")
 
 
 @pytest.mark.parametrize("script", [CLASSIC_UNBOUNDED, SEED_UNBOUNDED], ids=["classic", "seed"])
 def test_real_uncapped_bomb_removed_with_no_survivors(cgfs, make_cgroup, agent, wait_until, script):
-    top = make_cgroup("bombs")
-    enable(cgfs, top, "pids")  # for pids.current/pids.peak; pids.max stays "max"
-    cg = f"{top}/victim"
-    cgfs.mkdir(cg)
+    top, cg = leaf_under_pids(cgfs, make_cgroup, "bombs")  # pids.max stays "max"
     a = agent(f"{top}/**")
     assert cgfs.read(cg, "pids.max").strip() == "max"  # no cap at all
     bomb = start_in(cgfs, cg, ["bash", "-c", script])
@@ -71,11 +79,7 @@ def test_real_uncapped_bomb_removed_with_no_survivors(cgfs, make_cgroup, agent, 
 
 
 def test_saturation_and_refused_forks_verdicts_from_pids_files(cgfs, make_cgroup, agent, wait_until):
-    top = make_cgroup("capped")
-    enable(cgfs, top, "pids")
-    cg = f"{top}/full"
-    cgfs.mkdir(cg)
-    cgfs.write(cg, "pids.max", "64")
+    top, cg = leaf_under_pids(cgfs, make_cgroup, "capped", "64")
     # Sampling only: the pids.* detectors must stand on their own (hosts without the connector).
     a = agent(f"{top}/*", "--no-lineage")
     start_in(cgfs, cg, ["bash", "-c", CLASSIC_UNBOUNDED])
@@ -92,11 +96,7 @@ def test_saturation_and_refused_forks_verdicts_from_pids_files(cgfs, make_cgroup
 
 
 def test_thread_bomb_counted_as_tasks(cgfs, make_cgroup, agent, wait_until):
-    top = make_cgroup("threads")
-    enable(cgfs, top, "pids")
-    cg = f"{top}/t"
-    cgfs.mkdir(cg)
-    cgfs.write(cg, "pids.max", "600")  # the threads fill it whatever the emulation speed
+    top, cg = leaf_under_pids(cgfs, make_cgroup, "threads", "600")
     a = agent(f"{top}/*")
     start_in(cgfs, cg, WORKLOADS["threads"].make(60))
     inc = a.wait_incident(cg, timeout=120)
@@ -108,11 +108,7 @@ def test_thread_bomb_counted_as_tasks(cgfs, make_cgroup, agent, wait_until):
 
 
 def test_zombie_pile_seen_only_through_pids_current(cgfs, make_cgroup, agent, wait_until):
-    top = make_cgroup("zombies")
-    enable(cgfs, top, "pids")
-    cg = f"{top}/z"
-    cgfs.mkdir(cg)
-    cgfs.write(cg, "pids.max", "300")
+    top, cg = leaf_under_pids(cgfs, make_cgroup, "zombies", "300")
     pile = start_in(cgfs, cg, WORKLOADS["zombies"].make(300))
     wait_until(lambda: int(cgfs.read(cg, "pids.current")) >= 250, "the zombie pile to grow")
     # cgroup.threads lists only live tasks (the parent and a child or two on its way out): the
