@@ -235,7 +235,7 @@ class LineageTree:
         self._hot: dict[str, int] = {}
         # Process forks per cgroup (cumulative), and when a fork last reached hot_clone_depth.
         self.forks_by_cgroup: dict[str, int] = {}
-        self._forks_seen: dict[str, int] = {}
+        self._touched: set[str] = set()  # cgroups that forked since the last take_activity()
         self.deep_fork_ns: dict[str, int] = {}
         # ... and when one last reached wide_clone_depth (for wide, shallow replication).
         self.wide_fork_ns: dict[str, int] = {}
@@ -293,6 +293,7 @@ class LineageTree:
         self._add(rec)
         fc = self.forks_by_cgroup
         fc[cg] = fc.get(cg, 0) + 1
+        self._touched.add(cg)
 
     def _deep(self, cg: str, cdepth: int, ts_ns: int) -> None:
         self.deep_fork_ns[cg] = ts_ns
@@ -671,7 +672,7 @@ class LineageTree:
             # Freed records (with the placeholders freed on the way up) and detached ones.
             forgotten = before - self._nrec + sum(1 for r in kept if not r.flags & FREED)
             self._stats.forgotten_total += forgotten
-        for table in (self.deep_fork_ns, self.wide_fork_ns, self.forks_by_cgroup, self._forks_seen):
+        for table in (self.deep_fork_ns, self.wide_fork_ns, self.forks_by_cgroup):
             for cg in [cg for cg in table if cg not in self._members]:
                 del table[cg]
         return forgotten
@@ -716,10 +717,8 @@ class LineageTree:
 
     def take_activity(self) -> set[str]:
         """Cgroups whose processes forked since the last call."""
-        fc, seen = self.forks_by_cgroup, self._forks_seen
-        out = {cg for cg, n in fc.items() if seen.get(cg) != n}
-        self._forks_seen = dict(fc)
-        return out
+        touched, self._touched = self._touched, set()
+        return touched
 
     def deep_forks_since(self, cgroup: str, subtree: bool = True) -> int | None:
         """When a fork in the cgroup (subtree) last reached ``hot_clone_depth`` clone
