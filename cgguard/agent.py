@@ -138,7 +138,7 @@ class Agent:
         self.cfg = cfg
         self.fs = fs
         self.clock = time.monotonic_ns
-        self.own_cgroup = own_cgroup() or ""
+        self.own_cgroup = ""  # read in setup(), once cgroup-namespace paths are translated
         self.log = IncidentLog(cfg.state_dir)
         self.watcher = Watcher(fs, cfg.watch, cfg.protect, cfg.sampling)
         self.budget = KillBudget(cfg.kill_budget.max_actions, cfg.kill_budget.per_seconds)
@@ -179,13 +179,12 @@ class Agent:
         self.notes += protect_process()
         self.log.open()
         self.watcher.exclude = self._is_own_or_ancestor
+        self.watcher.on_removed = self._forget_cgroup
         self.watcher.start()
         if self.want_lineage:
             try:
-                self.lineage = LineageSource(
-                    self.cfg, self.fs, in_scope=self._in_scope, watched=lambda: [n.rel for n in self.watcher.watched()]
-                )
-                self.lineage.load([n.rel for n in self.watcher.watched()])
+                self.lineage = LineageSource(self.cfg, self.fs, in_scope=self._in_scope, watched=self._watched_paths)
+                self.lineage.load(self._watched_paths())
                 self.lineage_note = self.lineage.mode
                 self.watcher.backoff = True
             except LineageUnavailable as e:
@@ -207,6 +206,15 @@ class Agent:
             self.lineage_note,
             ", dry run" if self.cfg.dry_run else "",
         )
+
+    def _watched_paths(self) -> list[str]:
+        return [n.rel for n in self.watcher.watched()]
+
+    def _forget_cgroup(self, node: Node) -> None:
+        """A watched cgroup vanished: drop what the agent kept for it, or pod churn over weeks
+        grows these tables without bound."""
+        for table in (self._cooldown, self._lineage_eval_at, self._workloads):
+            table.pop(node.rel, None)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
         own = self.own_cgroup

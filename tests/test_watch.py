@@ -96,3 +96,24 @@ def test_thousand_calm_cgroups_sampling_is_cheap(cgfs, sandbox):
         assert w.next_due_ns() >= now + 900_000_000
     finally:
         w.close()
+
+
+def test_agent_forgets_state_of_vanished_cgroups(cgfs, sandbox, tmp_path):
+    from cgguard import config
+    from cgguard.agent import Agent
+
+    cfg = config.build({"watch": [f"{sandbox.name}/*"], "state_dir": str(tmp_path), "listen": "",
+                        "control_socket": "", "realtime": False})
+    agent = Agent(cfg, cgfs, lineage=False)
+    agent.setup()
+    try:
+        cg = sandbox.cgroup("short")
+        assert pump(agent.watcher, lambda: cg in agent.watcher.nodes) is not None
+        agent._cooldown[cg] = 1
+        agent._lineage_eval_at[cg] = 1
+        agent._workload(cg)
+        os.rmdir(cgfs.abspath(cg))
+        assert pump(agent.watcher, lambda: cg not in agent.watcher.nodes) is not None
+        assert cg not in agent._cooldown and cg not in agent._lineage_eval_at and cg not in agent._workloads
+    finally:
+        agent.close()
