@@ -162,7 +162,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, A
 
 
 def _resolve_root(cgroup_root: str | None):
-    from cgguard.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
+    from cgguard.kernel.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
 
     if cgroup_root:
         if not os.path.isfile(os.path.join(cgroup_root, "cgroup.procs")):
@@ -193,7 +193,7 @@ def _setup_logging(level: str) -> None:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_run(a: argparse.Namespace) -> int:
     from cgguard.agent import Agent
-    from cgguard.incidents import IncidentLogError
+    from cgguard.sinks.incidents import IncidentLogError
 
     cfg = _load_config(a.config, _overrides(a))
     if not cfg.watch:
@@ -223,8 +223,8 @@ def start_http(agent, listen: str):
     from cgguard.config import parse_listen
 
     try:
-        from cgguard.httpserve import serve
-        from cgguard.metrics import Metrics
+        from cgguard.sinks.http import serve
+        from cgguard.sinks.metrics import Metrics
     except ImportError:
         return None
     metrics = Metrics(agent.latest_snapshot)
@@ -292,7 +292,7 @@ def cmd_tree(a: argparse.Namespace) -> int:
 
 
 def cmd_incidents(a: argparse.Namespace) -> int:
-    from cgguard import incidents
+    from cgguard.sinks import incidents
 
     state_dir = a.state_dir
     if not state_dir:
@@ -362,7 +362,7 @@ def cmd_ctl(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from cgguard.demo import run_demo
+    from cgguard.testkit.demo import run_demo
 
     fs = _resolve_root(a.cgroup_root)
     return run_demo(fs, keep_state=a.keep_state)
@@ -397,7 +397,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cgguard.cgroupfs import CgroupError
+    from cgguard.kernel.cgroupfs import CgroupError
     from cgguard.config import ConfigError
 
     try:

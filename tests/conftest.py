@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from cgguard.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
-from cgguard.contain import Sandbox
+from cgguard.kernel.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
+from cgguard.testkit.sandbox import Sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import time
 import psutil
 
 from cgguard import act
-from cgguard.procfs import read_stat
+from cgguard.kernel.procfs import read_stat
 
 
 def wait_for(pred, timeout=5.0):

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from agentproc import AgentProc
-from cgguard.workloads import WORKLOADS
+from cgguard.testkit.corpus import WORKLOADS
 from conftest import run_cli
 
 

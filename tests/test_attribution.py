@@ -15,7 +15,7 @@ from cgguard.attribution import (
     attribute,
     normalize_pod_uid,
 )
-from cgguard.cgroupfs import cgroupns_root_depth, resolve_cgroupns_path
+from cgguard.kernel.cgroupfs import cgroupns_root_depth, resolve_cgroupns_path
 
 CID = "3f1c9a0e" * 8  # 64 hex, the shape of every OCI runtime's container ID
 CID2 = "b7d24e61" * 8
@@ -245,8 +245,8 @@ REAL_SHAPES = [
 
 @pytest.fixture
 def sandbox():
-    from cgguard.cgroupfs import CgroupError, NoCgroup2
-    from cgguard.contain import Sandbox
+    from cgguard.kernel.cgroupfs import CgroupError, NoCgroup2
+    from cgguard.testkit.sandbox import Sandbox
 
     if os.geteuid() != 0:
         pytest.skip("real cgroups need root")
@@ -263,7 +263,7 @@ def sandbox():
 
 
 def test_real_cgroups_under_sandbox(sandbox) -> None:
-    from cgguard.cgroupfs import own_cgroup
+    from cgguard.kernel.cgroupfs import own_cgroup
 
     procs = []
     for sub, expected in REAL_SHAPES:
@@ -301,7 +301,7 @@ def test_real_private_cgroup_namespace(sandbox) -> None:
     import shutil
     import subprocess
 
-    from cgguard.cgroupfs import own_cgroup
+    from cgguard.kernel.cgroupfs import own_cgroup
 
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) not installed")

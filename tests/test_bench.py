@@ -10,7 +10,7 @@ import pytest
 
 from cgguard.bench import PlanError, correctness, main, make_plan
 from cgguard.bench.runner import BenignRun, BombRun, median
-from cgguard.contain import V1_PIDS
+from cgguard.testkit.sandbox import V1_PIDS
 
 
 def test_plan_rejects_unknown_names_and_honours_only():
@@ -95,7 +95,7 @@ def test_quick_bench_on_one_bomb_and_one_benign_workload(cgfs, tmp_path):
 
 def test_a_bomb_that_ends_by_itself_or_never_grows_proves_nothing():
     from cgguard.bench.runner import by_itself, stalled
-    from cgguard.workloads import WORKLOADS
+    from cgguard.testkit.corpus import WORKLOADS
 
     classic = WORKLOADS["classic"]  # lives 5-6 s
     assert not by_itself(classic, 0.2) and by_itself(classic, 5.5) and not by_itself(classic, None)

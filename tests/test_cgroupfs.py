@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from cgguard.cgroupfs import CgroupGone, parse_cgroup2_mounts, parse_flat_keyed, parse_max
+from cgguard.kernel.cgroupfs import CgroupGone, parse_cgroup2_mounts, parse_flat_keyed, parse_max
 
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -98,7 +98,7 @@ def test_adopt_cgroupns_root_inside_a_private_cgroup_namespace(cgfs, sandbox):
     while not cgfs.procs(other) and time.monotonic() < deadline:
         time.sleep(0.02)
     code = (
-        "import sys; from cgguard.cgroupfs import *; fs = CgroupFS(sys.argv[1]); "
+        "import sys; from cgguard.kernel.cgroupfs import *; fs = CgroupFS(sys.argv[1]); "
         "print(adopt_cgroupns_root(fs)); print(own_cgroup()); print(own_cgroup(int(sys.argv[2])))"
     )
     w = sandbox.spawn(["unshare", "--cgroup", "--", sys.executable, "-c", code, cgfs.root, str(sib.proc.pid)],

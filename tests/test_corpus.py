@@ -1,7 +1,7 @@
 """The whole corpus against one real agent with default settings: every bomb removed with 0
 survivors and an incident each; every benign workload runs to completion untouched.
 
-Bombs are bounded (deadline) and contained (kernel task cap) by cgguard.contain.Sandbox.
+Bombs are bounded (deadline) and contained (kernel task cap) by cgguard.testkit.sandbox.Sandbox.
 """
 
 import os
@@ -11,8 +11,8 @@ import time
 import pytest
 
 from agentproc import AgentProc
-from cgguard.contain import Sandbox
-from cgguard.workloads import BENIGN, BOMBS, WORKLOADS
+from cgguard.testkit.sandbox import Sandbox
+from cgguard.testkit.corpus import BENIGN, BOMBS, WORKLOADS
 from conftest import _fs_or_reason
 
 

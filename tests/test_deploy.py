@@ -329,7 +329,7 @@ def test_wheel_builds_with_console_script(tmp_path: Path) -> None:
     (whl,) = out.glob("cgguard-*.whl")
     with zipfile.ZipFile(whl) as z:
         names = set(z.namelist())
-        for mod in ("__init__", "__main__", "config", "cgroupfs", "attribution", "metrics", "httpserve"):
+        for mod in ("__init__", "__main__", "config", "kernel/cgroupfs", "attribution", "sinks/metrics", "sinks/http", "agent/__init__"):
             assert f"cgguard/{mod}.py" in names, mod
         assert "cgguard/py.typed" in names
         assert not any(n.startswith(("tests/", "deploy/")) for n in names)

@@ -2,7 +2,7 @@
 
 from cgguard.config import ForkFailureParams, GrowthParams, SaturationParams
 from cgguard.detect import cgroup as d
-from cgguard.samples import History, Sample
+from cgguard.state.samples import History, Sample
 
 MS = 1_000_000
 

@@ -18,8 +18,8 @@ import pytest
 
 from cgguard.detect import Verdict
 from cgguard.detect.lineage import LineageParams, cgroups_to_evaluate, detect_lineage, worst_lineage
-from cgguard.lineage import LineageTree
-from cgguard.procconn import replay
+from cgguard.state.lineage import LineageTree
+from cgguard.kernel.procconn import replay
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_lineage import MS, S, Sim, _connector, _in, pump  # noqa: E402
@@ -253,7 +253,7 @@ class _NoProc:
 
 
 def _recording_origin(path: str) -> int:
-    from cgguard.procconn import PROC_EVENT_EXEC, iter_events
+    from cgguard.kernel.procconn import PROC_EVENT_EXEC, iter_events
 
     for ev in iter_events(path):
         if ev[0] == PROC_EVENT_EXEC:

@@ -1,7 +1,7 @@
 import json
 import os
 
-from cgguard.incidents import Incident, IncidentLog, read
+from cgguard.sinks.incidents import Incident, IncidentLog, read
 from conftest import run_cli
 
 

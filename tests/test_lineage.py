@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cgguard.contain import Sandbox
-from cgguard.lineage import FORGOTTEN, FREED, LineageTree, nr_processes, read_vmstat
-from cgguard.procfs import ProcStat, read_stat
+from cgguard.testkit.sandbox import Sandbox
+from cgguard.state.lineage import FORGOTTEN, FREED, LineageTree, nr_processes, read_vmstat
+from cgguard.kernel.procfs import ProcStat, read_stat
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -539,7 +539,7 @@ def test_queries_and_json():
 
 # -- real processes ------------------------------------------------------------------------
 def _connector(**kw):
-    from cgguard.procconn import ProcConnector, ProcConnectorUnavailable
+    from cgguard.kernel.procconn import ProcConnector, ProcConnectorUnavailable
 
     try:
         return ProcConnector(**kw)

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cgguard.attribution import attribute
-from cgguard.httpserve import Server, serve
-from cgguard.metrics import LATENCY_BUCKETS, METRICS, OTHER, OUTCOMES, TOP_CGROUPS, Metrics, reference_markdown
+from cgguard.sinks.http import Server, serve
+from cgguard.sinks.metrics import LATENCY_BUCKETS, METRICS, OTHER, OUTCOMES, TOP_CGROUPS, Metrics, reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 CID = "3f1c9a0e" * 8

@@ -7,7 +7,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentproc import AgentProc
-from cgguard.workloads import WORKLOADS
+from cgguard.testkit.corpus import WORKLOADS
 
 UID = "6b5a7f8e-1c2d-4e3f-9a0b-1c2d3e4f5a6b"
 CID = "3f1c9a0e" * 8

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cgguard.procconn import (
+from cgguard.kernel.procconn import (
     FILTER_EVENTS,
     FILTER_LEGACY,
     MSG_SIZE,
@@ -185,7 +185,7 @@ def test_filter_mode_receives_no_other_types():
 
 @pytest.fixture(scope="module")
 def fork_loop(tmp_path_factory):
-    from cgguard.procconn import compile_fork_loop
+    from cgguard.kernel.procconn import compile_fork_loop
 
     if not __import__("shutil").which("gcc"):
         pytest.skip("no gcc")
@@ -238,7 +238,7 @@ def test_record_and_replay_a_live_stream(tmp_path):
 
 
 def test_measure_ingest_small(fork_loop):
-    from cgguard.procconn import measure_ingest
+    from cgguard.kernel.procconn import measure_ingest
 
     try:
         ProcConnector().close()

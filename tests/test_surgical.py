@@ -7,7 +7,7 @@ import time
 import pytest
 
 from agentproc import AgentProc
-from cgguard.workloads import WORKLOADS
+from cgguard.testkit.corpus import WORKLOADS
 from conftest import run_cli
 
 

@@ -4,7 +4,7 @@ import os
 import time
 
 from cgguard.config import Sampling
-from cgguard.watch import Watcher
+from cgguard.state.watch import Watcher
 
 
 def pump(w: Watcher, until, timeout=2.0):

@@ -8,7 +8,7 @@ Phases, strictly one workload at a time (never two bombs at once on a small mach
 4. baselines on the same bombs: pids.max alone, a naive tree-walking killer, a threshold poller;
 5. the benign corpus under cgguard (and under the threshold poller, to show what it kills).
 
-Every workload runs in one sandbox (:mod:`cgguard.contain`: kernel task cap + deadline) that is
+Every workload runs in one sandbox (:mod:`cgguard.testkit.sandbox`: kernel task cap + deadline) that is
 closed, and checked for leftovers, whatever happens. Results: ``<out>/bench.md``, ``bench.json``
 and ``tasks.png``; the tables are also printed.
 
@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cgguard import lineage
-from cgguard.workloads import BENIGN, BOMBS, WORKLOADS, Workload
+from cgguard.state import lineage
+from cgguard.testkit.corpus import BENIGN, BOMBS, WORKLOADS, Workload
 
 CAP = 1024  # the kernel task cap of every workload (<= 2048 by the bench's safety rules)
 EXTRA_NAMES = ("cost", "events")  # --only names that are not workloads
@@ -102,8 +102,8 @@ def _usage(msg: str) -> int:
 
 
 def main(args: Any) -> int:
-    from cgguard.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
-    from cgguard.contain import Sandbox
+    from cgguard.kernel.cgroupfs import CgroupFS, NoCgroup2, find_cgroup2_root
+    from cgguard.testkit.sandbox import Sandbox
 
     from . import baselines, report, runner
 

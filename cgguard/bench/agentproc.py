@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from cgguard import incidents
+from cgguard.sinks import incidents
 
 
 def free_port() -> int:

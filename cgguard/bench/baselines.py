@@ -19,8 +19,8 @@ import time
 
 import psutil
 
-from cgguard.cgroupfs import CgroupError, CgroupFS
-from cgguard.workloads import Workload
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
+from cgguard.testkit.corpus import Workload
 
 from .runner import WINDOW_S, Bench, BombRun, bomb_secs, by_itself
 from .sampler import realtime, set_realtime

@@ -8,7 +8,7 @@ import platform
 from typing import Any
 
 from cgguard import __version__
-from cgguard.cgroupfs import CgroupFS
+from cgguard.kernel.cgroupfs import CgroupFS
 
 from .runner import BenignRun, BombRun, median, other_sandboxes
 

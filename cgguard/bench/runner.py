@@ -5,7 +5,7 @@ Every trial follows the same shape, so the methods stay comparable:
 1. a fresh cgroup ``<sandbox>/<workload>-<method><run>`` (and, for cgguard, a fresh agent
    watching ``<sandbox>/**`` with default settings, started before the workload);
 2. the bench's realtime sampler on the workload's v1 cap group and v2 ``cgroup.events``;
-3. spawn through :class:`cgguard.contain.Sandbox` (kernel task cap + deadline), ``t0`` taken just
+3. spawn through :class:`cgguard.testkit.sandbox.Sandbox` (kernel task cap + deadline), ``t0`` taken just
    before the spawn;
 4. wait for the method to act, or for the observation window to pass;
 5. survivors, then a guaranteed kill of whatever is left and a wait until the cap group holds no
@@ -27,10 +27,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cgguard.cgroupfs import CgroupError, CgroupFS
-from cgguard.contain import Sandbox
-from cgguard.contain import Workload as Running
-from cgguard.workloads import Workload, compile_c
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
+from cgguard.testkit.sandbox import Sandbox
+from cgguard.testkit.sandbox import Workload as Running
+from cgguard.testkit.corpus import Workload, compile_c
 
 from .agentproc import AgentProcess, AgentStartError
 from .sampler import Sampler, Series, realtime, set_realtime

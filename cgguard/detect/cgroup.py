@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cgguard.config import ForkFailureParams, GrowthParams, SaturationParams
 from cgguard.detect import Reason, Verdict
-from cgguard.samples import History, Sample
+from cgguard.state.samples import History, Sample
 
 MS = 1_000_000
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cgguard.detect import Origin, Reason, Verdict
-from cgguard.lineage import LineageTree, Record, postorder, seed_scores, walk
+from cgguard.state.lineage import LineageTree, Record, postorder, seed_scores, walk
 
 DETECTOR = "lineage"
 

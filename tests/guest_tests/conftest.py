@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cgguard.cgroupfs import CgroupFS, find_cgroup2_root
+from cgguard.kernel.cgroupfs import CgroupFS, find_cgroup2_root
 
 IN_GUEST = os.environ.get("CGGUARD_IN_GUEST") == "1"
 HANG_GUARD = 60.0  # seconds; a hang guard, not a timing expectation

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agentproc import AgentProc
-from cgguard.workloads import WORKLOADS
+from cgguard.testkit.corpus import WORKLOADS
 
 CLASSIC_UNBOUNDED = ":(){ :|:& };:"
 SEED_UNBOUNDED = "forkbomb(){ forkbomb|forkbomb & }; forkbomb"

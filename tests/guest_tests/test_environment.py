@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cgguard.cgroupfs import CgroupFS, find_cgroup2_root, parse_flat_keyed
+from cgguard.kernel.cgroupfs import CgroupFS, find_cgroup2_root, parse_flat_keyed
 
 
 def _mount_fstypes() -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cgguard.cgroupfs import CgroupFS
+from cgguard.kernel.cgroupfs import CgroupFS
 
 BOMB = ":(){ :|:& };:"
 CAP = 50

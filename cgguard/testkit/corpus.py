@@ -2,7 +2,7 @@
 
 Every bomb here is bounded by construction: it stops forking at a deadline (``secs``) it reads
 from a builtin clock (bash ``EPOCHSECONDS``, Python ``time``), so even with no guard and no cap
-it ends. Run them only through :class:`cgguard.contain.Sandbox`, which adds the kernel cap.
+it ends. Run them only through :class:`cgguard.testkit.sandbox.Sandbox`, which adds the kernel cap.
 Benign workloads are bounded by their own work and finish by themselves.
 """
 

@@ -24,15 +24,16 @@ from typing import Any, Callable
 
 import psutil
 
-from cgguard import act, incidents
+from cgguard import act
+from cgguard.sinks import incidents
 from cgguard.attribution import attribute
-from cgguard.cgroupfs import CgroupFS, adopt_cgroupns_root, own_cgroup
+from cgguard.kernel.cgroupfs import CgroupFS, adopt_cgroupns_root, own_cgroup
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
 from cgguard.detect import cgroup as cgdetect
-from cgguard.incidents import Incident, IncidentLog
-from cgguard.lineage_source import LineageSource, LineageUnavailable
-from cgguard.watch import Node, Watcher
+from cgguard.sinks.incidents import Incident, IncidentLog
+from cgguard.agent.lineage_source import LineageSource, LineageUnavailable
+from cgguard.state.watch import Node, Watcher
 
 log = logging.getLogger("cgguard.agent")
 MS = 1_000_000

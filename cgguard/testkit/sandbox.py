@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cgguard.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root
 
 V1_PIDS = "/sys/fs/cgroup/pids"
 

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
-from cgguard import procfs
-from cgguard.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root, own_cgroup
-from cgguard.procfs import ProcStat
+from cgguard.kernel import procfs
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root, own_cgroup
+from cgguard.kernel.procfs import ProcStat
 
 # Record.flags
 STALE = 1  # comm/cmdline not read since the last exec
@@ -128,7 +128,7 @@ class Record:
 
 # -- /proc edge ----------------------------------------------------------------------------
 class ProcFS:
-    """The /proc reads the tree needs (cgguard.procfs). Injectable so tests need no real processes."""
+    """The /proc reads the tree needs (cgguard.kernel.procfs). Injectable so tests need no real processes."""
 
     def stat(self, pid: int) -> ProcStat | None:
         return procfs.read_stat(pid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from cgguard.cgroupfs import CgroupFS
+from cgguard.kernel.cgroupfs import CgroupFS
 from cgguard.config import Config
 from cgguard.detect import Verdict
 
@@ -29,8 +29,8 @@ class LineageSource:
         watched: Callable[[], list[str]] = lambda: [],
     ):
         try:
-            from cgguard import lineage as lineage_mod
-            from cgguard import procconn
+            from cgguard.state import lineage as lineage_mod
+            from cgguard.kernel import procconn
             from cgguard.detect import lineage as lineage_detect
         except ImportError as e:
             raise LineageUnavailable(f"lineage modules missing: {e}") from None

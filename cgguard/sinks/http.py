@@ -19,7 +19,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cgguard.config import parse_listen
-from cgguard.metrics import Metrics
+from cgguard.sinks.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

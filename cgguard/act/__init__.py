@@ -24,8 +24,8 @@ from typing import Callable
 
 from inotify_simple import INotify, flags
 
-from cgguard.cgroupfs import CgroupError, CgroupFS, CgroupGone, parse_flat_keyed
-from cgguard.procfs import ProcStat, read_stat, same_process
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone, parse_flat_keyed
+from cgguard.kernel.procfs import ProcStat, read_stat, same_process
 
 log = logging.getLogger("cgguard.act")
 

@@ -1,6 +1,6 @@
 """``cgguard demo``: a contained bomb in a throwaway cgroup, found and removed while you watch.
 
-Safe on a small machine: the bomb runs under a kernel task cap (see cgguard.contain) and stops
+Safe on a small machine: the bomb runs under a kernel task cap (see cgguard.testkit.sandbox) and stops
 by itself after a deadline even if cgguard did nothing; everything is removed afterwards.
 """
 
@@ -15,8 +15,8 @@ import time
 
 from cgguard import config
 from cgguard.agent import Agent
-from cgguard.cgroupfs import CgroupFS
-from cgguard.contain import Sandbox
+from cgguard.kernel.cgroupfs import CgroupFS
+from cgguard.testkit.sandbox import Sandbox
 
 CLASSIC_BOMB = "D=$((EPOCHSECONDS+{secs})); :(){{ (( EPOCHSECONDS < D )) && {{ :|:& }}; }};:"
 

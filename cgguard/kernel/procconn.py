@@ -579,7 +579,7 @@ int main(int argc, char **argv) {
 
 def compile_fork_loop(workdir: str) -> str:
     """Compile the bounded C fork loop into ``workdir``; returns the binary's path."""
-    from cgguard.workloads import compile_c
+    from cgguard.testkit.corpus import compile_c
 
     return compile_c(_FORK_LOOP_C, "forkloop", workdir)
 
@@ -676,8 +676,8 @@ def measure_ingest(n_forks: int = 20000, rcvbuf: int = 32 << 20) -> dict:
     """
     import tempfile
 
-    from cgguard.contain import Sandbox
-    from cgguard.lineage import LineageTree
+    from cgguard.testkit.sandbox import Sandbox
+    from cgguard.state.lineage import LineageTree
 
     out: dict = {"n_forks": n_forks}
     with tempfile.TemporaryDirectory(prefix="cgguard-forkloop-") as tmp:

@@ -23,11 +23,11 @@ from typing import Callable, Iterable
 
 from inotify_simple import INotify, flags
 
-from cgguard.cgroupfs import CgroupFS, parse_flat_keyed, parse_max
+from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed, parse_max
 from cgguard.config import Sampling, glob_match, glob_may_match_below
-from cgguard.samples import History, Sample
+from cgguard.state.samples import History, Sample
 
-log = logging.getLogger("cgguard.watch")
+log = logging.getLogger("cgguard.state.watch")
 
 MS = 1_000_000
 CALM_GRID_NS = 250 * MS
