@@ -56,7 +56,7 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
         "log_level": a.log_level,
     }
     if getattr(a, "no_lineage", False):
-        o["lineage.connector"] = False
+        o["tracking.connector"] = False
     return o
 
 
@@ -193,24 +193,30 @@ def _setup_logging(level: str) -> None:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_run(a: argparse.Namespace) -> int:
     from cgguard.agent import Agent
+    from cgguard.agent.control import ControlError
     from cgguard.sinks.incidents import IncidentLogError
+    from cgguard.state.status import StatusBoard
 
     cfg = _load_config(a.config, _overrides(a))
     if not cfg.watch:
         raise UsageError("nothing to watch: give --watch GLOB or 'watch:' in the config")
     _setup_logging(cfg.log_level)
     fs = _resolve_root(cfg.cgroup_root)
-    agent = Agent(cfg, fs)
+    board = StatusBoard()
+    metrics = _metrics(board) if cfg.listen else None
+    agent = Agent(cfg, fs, sinks=[metrics] if metrics else [], board=board)
     server = None
     try:
-        agent.setup()
-    except IncidentLogError as e:
-        raise UsageError(str(e)) from None
-    if cfg.listen:
-        server = start_http(agent, cfg.listen)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    try:
+        # The port first: a second agent started by mistake fails here, before it touches the
+        # running agent's control socket or state.
+        if cfg.listen:
+            server = start_http(cfg.listen, lambda: agent.ready, metrics)
+        try:
+            agent.setup()
+        except (IncidentLogError, ControlError) as e:
+            raise UsageError(str(e)) from None
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+        signal.signal(signal.SIGINT, lambda *_: agent.stop())
         agent.run()
     finally:
         agent.close()
@@ -219,48 +225,48 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def start_http(agent, listen: str):
-    from cgguard.config import parse_listen
-
+def _metrics(board):
     try:
-        from cgguard.sinks.http import serve
         from cgguard.sinks.metrics import Metrics
     except ImportError:
         return None
-    metrics = Metrics(agent.latest_snapshot)
-    agent.metrics = metrics
+    return Metrics(board)
+
+
+def start_http(listen: str, ready, metrics):
+    from cgguard.config import parse_listen
+    from cgguard.sinks.http import serve
+
     try:
-        return serve(listen, lambda: agent.ready, metrics)
+        return serve(listen, ready, metrics)
     except OSError as e:
         host, port = parse_listen(listen)
         raise UsageError(f"--listen {listen}: cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    st = request(_control_path(a), {"cmd": "status"})["status"]
+    from cgguard.state.status import Status
+
+    raw = request(_control_path(a), {"cmd": "status"})["status"]
     if a.json:
-        print(json.dumps(st, indent=2, default=str))
+        print(json.dumps(raw, indent=2, default=str))
         return 0
-    pc, lin = st.get("procconn", {}), st.get("lineage", {})
-    print(f"cgroup2 root: {st['cgroup_root']}   ready: {st['ready']}   dry run: {st['dry_run']}")
-    print(f"watch: {', '.join(st['watch'])}   protect: {', '.join(st['protect']) or '-'}")
+    st = Status.from_dict(raw)
+    pc, tr = st.connector, st.tracking
+    print(f"cgroup2 root: {st.cgroup_root}   ready: {st.ready}   dry run: {st.dry_run}")
+    print(f"watch: {', '.join(st.watch)}   protect: {', '.join(st.protect) or '-'}")
     print(
-        f"proc connector: {pc.get('mode')}  received {pc.get('received', 0)}  lost {pc.get('lost', 0)}   "
-        f"lineage records: {lin.get('records', 0)} (live {lin.get('live', 0)}, placeholders {lin.get('placeholders', 0)})"
+        f"proc connector: {pc.mode}  received {pc.received}  overflows {pc.overflows}  rescans {pc.rescans}   "
+        f"lineage records: {tr.records} (live {tr.live}, placeholders {tr.placeholders})"
     )
-    print(f"incidents: {st['incidents']['total']} since start   log: {st['incidents']['log']}")
+    print(f"incidents: {st.incidents.since_start} since start, {st.incidents.recorded} recorded   log: {st.incidents.log}")
+    for note in st.notes:
+        print(f"note: {note}")
     rows = [("CGROUP", "TASKS", "MAX", "STATE", "SOURCE", "WORKLOAD")]
-    for c in st["cgroups"]:
-        wl = c.get("workload") or {}
+    for c in st.cgroups:
+        wl = c.workload or {}
         rows.append(
-            (
-                c["path"],
-                str(c["tasks"]),
-                "-" if c["pids_max"] is None else str(c["pids_max"]),
-                c["state"],
-                c["source"],
-                wl.get("summary") or wl.get("kind") or "",
-            )
+            (c.path, str(c.tasks), "-" if c.pids_max is None else str(c.pids_max), c.state, c.source, wl.get("summary") or wl.get("kind") or "")
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -397,8 +403,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cgguard.kernel.cgroupfs import CgroupError
     from cgguard.config import ConfigError
+    from cgguard.kernel.cgroupfs import CgroupError
 
     try:
         a = build_parser().parse_args(argv)

@@ -12,7 +12,15 @@ import re
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -141,11 +149,11 @@ class Detect(_Model):
     lineage: LineageDetect = LineageDetect()
 
 
-class Lineage(_Model):
-    """Lineage tracking through the proc connector, with the seed's aging knobs."""
+class Tracking(_Model):
+    """Process tracking through the proc connector (the lineage records), with the seed's aging knobs."""
 
     connector: bool = Field(True, description="Listen to the proc connector at all; false: sampling only (--no-lineage).")
-    tracking: bool = Field(
+    enabled: bool = Field(
         True, description="Make lineage records (the seed's mm_tracker_enable); 'cgguard ctl tracking' flips it at run time."
     )
     reset_interval_ms: int = Field(
@@ -174,7 +182,7 @@ class Config(_Model):
     remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
     sampling: Sampling = Sampling()
     detect: Detect = Detect()
-    lineage: Lineage = Lineage()
+    tracking: Tracking = Tracking()
     realtime: bool = Field(True, description="Run the agent at SCHED_RR priority 1 so a bomb cannot starve it.")
     log_level: str = Field("info", description="debug, info, warning or error.")
 

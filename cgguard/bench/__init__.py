@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cgguard.state import lineage
+from cgguard.bench import bookkeeping
 from cgguard.testkit.corpus import BENIGN, BOMBS, WORKLOADS, Workload
 
 CAP = 1024  # the kernel task cap of every workload (<= 2048 by the bench's safety rules)
@@ -176,7 +176,7 @@ def main(args: Any) -> int:
         if plan.cost and within_budget("lineage bookkeeping", 10):
             n = 20_000 if quick else 100_000
             _say(f"lineage bookkeeping: {n} synthetic records")
-            res["lineage_bookkeeping"] = attempt("lineage bookkeeping", lambda: lineage.measure_bookkeeping(n))
+            res["lineage_bookkeeping"] = attempt("lineage bookkeeping", lambda: bookkeeping.measure_bookkeeping(n))
         if plan.events and within_budget("proc-connector probe", 15):
             _say("proc connector: events received vs generated")
             res["events"] = attempt("events", lambda: runner.events_probe(b, plan.events, log=_say))

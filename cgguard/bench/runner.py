@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
+from cgguard.testkit.corpus import Workload, compile_c
 from cgguard.testkit.sandbox import Sandbox
 from cgguard.testkit.sandbox import Workload as Running
-from cgguard.testkit.corpus import Workload, compile_c
 
 from .agentproc import AgentProcess, AgentStartError
 from .sampler import Sampler, Series, realtime, set_realtime
@@ -112,11 +112,11 @@ def other_sandboxes(fs: CgroupFS, *own: str) -> list[str]:
 
 
 def describe_lineage(status: dict[str, Any]) -> str:
-    lin = status.get("lineage") or {}
-    pc = status.get("procconn") or {}
-    if lin.get("tracking") is False or "forks" not in pc and "received" not in pc:
+    lin = status.get("tracking") or {}
+    pc = status.get("connector") or {}
+    if lin.get("enabled") is False or str(pc.get("mode", "off")).startswith(("off", "unavailable")):
         return f"off ({lin.get('mode') or pc.get('mode') or 'unknown'})"
-    return f"on (proc connector, {pc.get('filter_mode') or pc.get('mode') or 'subscribed'})"
+    return f"on (proc connector, {pc.get('mode') or 'subscribed'})"
 
 
 class Bench:
@@ -502,7 +502,7 @@ def forkn_binary(workdir: str) -> str:
 
 
 def _pc(st: dict[str, Any]) -> dict[str, Any]:
-    return st.get("procconn") or {}
+    return st.get("connector") or {}
 
 
 def events_probe(b: Bench, plan: list[tuple[str, int]], log=print) -> dict[str, Any]:
@@ -548,7 +548,7 @@ def events_probe(b: Bench, plan: list[tuple[str, int]], log=print) -> dict[str, 
                 "forks_received": got,
                 "exits_received": after.get("exits", 0) - before.get("exits", 0),
                 "received_pct": round(100 * min(got, gen) / gen, 2),
-                "lost_enobufs": after.get("lost_enobufs", 0) - before.get("lost_enobufs", 0),
+                "lost_enobufs": after.get("overflows", 0) - before.get("overflows", 0),
                 "seq_gaps": after.get("seq_gaps", 0) - before.get("seq_gaps", 0),
                 "forks_per_s": round(n / dt) if dt > 0 else None,
                 "agent_cpu_pct": round(100 * cpu / dt, 1) if dt > 0 else None,

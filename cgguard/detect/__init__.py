@@ -48,7 +48,7 @@ class Verdict:
     """A detector's finding about one cgroup.
 
     ``first_sign_ns`` is when the growth began as far as the detector can tell (monotonic ns);
-    the incident's ``detect_ms`` is measured from it. ``lineage`` is set by the lineage detector:
+    the incident's ``detect_ms`` is measured from it. ``members`` is set from the lineage tree:
     the (tgid, start_ns) identities of the bomb's live members, for a surgical kill.
     """
 
@@ -59,7 +59,7 @@ class Verdict:
     first_sign_ns: int
     at_ns: int
     origin: Origin | None = None
-    lineage: frozenset[tuple[int, int]] | None = None
+    members: frozenset[tuple[int, int]] | None = None
     family: int | None = None
     depth: int | None = None
     # The origin's lineage record (state, not serialized): after the cgroup is frozen the action

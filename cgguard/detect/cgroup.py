@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from cgguard.config import ForkFailureParams, GrowthParams, SaturationParams
 from cgguard.detect import Reason, Verdict
+from cgguard.kernel.clock import MS
 from cgguard.state.samples import History, Sample
-
-MS = 1_000_000
 
 
 def _since_before(hist: History, cutoff_ns: int, partial: bool = False) -> list[Sample] | None:

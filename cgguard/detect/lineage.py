@@ -56,56 +56,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from cgguard.config import LineageDetect
 from cgguard.detect import Origin, Reason, Verdict
 from cgguard.state.lineage import LineageTree, Record, postorder, seed_scores, walk
 
 DETECTOR = "lineage"
-
-
-@dataclass(frozen=True, slots=True)
-class LineageParams:
-    """Thresholds of the lineage detector. The defaults need no tuning (see the module doc)."""
-
-    min_family: int = 10
-    min_generations: int = 5
-    min_forkers: int = 12
-    window_s: float = 5.0
-    # Wide, shallow replication: a fork-loop bomb on a busy machine can fill its cgroup's cap
-    # as a bush only 3-4 clone generations deep with ~100 forkers (measured with the C loop at
-    # pids.max 1024), never reaching min_generations. Shape alone cannot tell it from a bounded
-    # tree of real work (fan-out 5, depth 3, a command per leaf: chain 4, 156 forkers), so the
-    # size decides: such a tree holds 312 processes, the bush is flagged past 512.
-    wide_min_generations: int = 3
-    wide_min_forkers: int = 64
-    wide_min_family: int = 512
-
-    @classmethod
-    def from_config(cls, c: object) -> "LineageParams":
-        """Take the fields a config section shares with these params (``window_ms`` in ms);
-        anything else keeps its default."""
-        d = cls()
-        window_ms = getattr(c, "window_ms", None)
-        return cls(
-            min_family=int(getattr(c, "min_family", d.min_family)),
-            min_generations=int(getattr(c, "min_generations", d.min_generations)),
-            min_forkers=int(getattr(c, "min_forkers", d.min_forkers)),
-            window_s=float(getattr(c, "window_s", d.window_s if window_ms is None else window_ms / 1000.0)),
-            wide_min_generations=int(getattr(c, "wide_min_generations", d.wide_min_generations)),
-            wide_min_forkers=int(getattr(c, "wide_min_forkers", d.wide_min_forkers)),
-            wide_min_family=int(getattr(c, "wide_min_family", d.wide_min_family)),
-        )
-
-
-def cgroups_to_evaluate(tree: LineageTree, params: LineageParams = LineageParams()) -> dict[str, int]:
-    """The cheap pre-check for every event batch: the cgroups in which a fork reached
-    ``min_generations`` clone generations since the last call (cgroup -> deepest chain).
-
-    A bomb must produce such a fork before it can be flagged, so a cgroup that is not listed
-    needs no evaluation. The call consumes the tree's marks.
-    """
-    tree.hot_clone_depth = params.min_generations
-    tree.wide_clone_depth = params.wide_min_generations
-    return {cg: d for cg, d in tree.take_hot().items() if d >= params.min_generations}
 
 
 @dataclass(slots=True)
@@ -151,28 +106,25 @@ def detect_lineage(
     tree: LineageTree,
     cgroup: str,
     now_ns: int,
-    params: LineageParams = LineageParams(),
+    params: LineageDetect = LineageDetect(),
     badness: Callable[[int], int] | None = None,
 ) -> Verdict | None:
     """A verdict if the records of ``cgroup`` (and its subtree) hold a self-replicating family.
 
     The verdict's ``cgroup`` is the smallest cgroup holding the origin and the live lineage,
     which may be below ``cgroup``: an action confined there spares the bomb's siblings."""
-    if tree.hot_clone_depth <= params.min_generations:
-        # A replicating chain of min_generations leaves a fork that deep: without one the
-        # cgroup cannot qualify, and the walk below is skipped (the common case for builds).
-        if tree.deep_forks_since(cgroup) is None and (
-            tree.wide_forks_since(cgroup) is None or tree.count_in(cgroup) < params.wide_min_family
-        ):
-            return None
-    else:
-        tree.hot_clone_depth = params.min_generations
-    tree.wide_clone_depth = params.wide_min_generations
+    # A replicating chain of min_generations leaves a fork that deep (the tree notes when, at the
+    # depths the config sets): without one the cgroup cannot qualify, and the walk below is
+    # skipped (the common case for builds).
+    if tree.deep_forks_since(cgroup) is None and (
+        tree.wide_forks_since(cgroup) is None or tree.count_in(cgroup) < params.wide_min_family
+    ):
+        return None
     members, roots = tree.forest(cgroup)
     if len(members) <= params.min_family:
         return None
     newest = max(r.last_fork_ns for r in members)
-    horizon = newest - int(params.window_s * 1e9)
+    horizon = newest - params.window_ms * 1_000_000
     w = _measure(members, roots, horizon)
 
     def qualifies(r: Record) -> bool:
@@ -222,7 +174,7 @@ def detect_lineage(
             {
                 "forkers": forkers,
                 "generations": gens,
-                "window_s": params.window_s,
+                "window_ms": params.window_ms,
                 "rule": "deep" if deep else "wide",
                 "min_generations": params.min_generations if deep else params.wide_min_generations,
                 "min_forkers": params.min_forkers if deep else params.wide_min_forkers,
@@ -278,7 +230,7 @@ def _verdict(
         first_sign_ns=first_sign_ns,
         at_ns=now_ns,
         origin=Origin(origin.tgid, origin.start_ns, comm, cmdline, origin.alive),
-        lineage=frozenset(r.identity for r in live),
+        members=frozenset(r.identity for r in live),
         family=family,
         depth=depth,
         origin_ref=origin,
@@ -289,7 +241,7 @@ def worst_lineage(
     tree: LineageTree,
     cgroup: str,
     now_ns: int,
-    params: LineageParams = LineageParams(),
+    params: LineageDetect = LineageDetect(),
     badness: Callable[[int], int] | None = None,
 ) -> Verdict | None:
     """The seed killer's choice alone: the worst-scoring record of the cgroup whose family

@@ -27,15 +27,14 @@ not look at them.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -189,7 +188,6 @@ class ProcConnector:
         self._buf = bytearray(_BUF_SIZE)
         self._early: list[bytes] = []  # events read while waiting for the subscription ACK
         self._seq: dict[int, int] = {}
-        self._recorder: BinaryIO | None = None
         self._sock = self._open(use_pyroute2)
         try:
             self.set_rcvbuf(rcvbuf)
@@ -319,7 +317,6 @@ class ProcConnector:
         buf = self._buf
         unpack = _EVENT.unpack_from
         on_fork, on_exec, on_exit = sink.on_fork, sink.on_exec, sink.on_exit
-        rec = self._recorder
         track_seq = self.stats.filter_mode == FILTER_LEGACY
         seqs = self._seq
         forks = execs = exits = other = 0
@@ -334,15 +331,11 @@ class ProcConnector:
                         raise
                     # The kernel dropped events; the queue works again from here on.
                     self.stats.lost_enobufs += 1
-                    if rec is not None:
-                        _write_loss(rec, "enobufs")
                     sink.on_loss("enobufs")
                     handled += 1
                     continue
                 if n < MSG_SIZE:
                     continue
-                if rec is not None:
-                    _write_datagram(rec, buf, n)
                 seq, what, cpu, ts, a, b, c, d, e, f = unpack(buf, _EVENT_OFFSET)
                 handled += 1
                 if track_seq and what:
@@ -354,8 +347,6 @@ class ProcConnector:
                         if 0 < gap < 0x80000000:
                             self.stats.seq_gaps += 1
                             self.stats.lost_seq_estimate += gap
-                            if rec is not None:
-                                _write_loss(rec, "seq-gap")
                             sink.on_loss("seq-gap")
                 if what == PROC_EVENT_FORK:
                     forks += 1
@@ -381,8 +372,6 @@ class ProcConnector:
         """Slow path for the few datagrams stashed during subscription."""
         if n < MSG_SIZE:
             return 0
-        if self._recorder is not None:
-            _write_datagram(self._recorder, self._buf, n)
         what = _deliver(sink, _EVENT.unpack_from(self._buf, _EVENT_OFFSET))
         st = self.stats
         if what != PROC_EVENT_NONE:
@@ -401,13 +390,6 @@ class ProcConnector:
         """Block until a datagram is queued or ``timeout_s`` passed; True if readable."""
         r, _, _ = select.select([self._sock], [], [], timeout_s)
         return bool(r)
-
-    # -- recording -------------------------------------------------------------------------
-    def record_to(self, f: BinaryIO | None) -> None:
-        """Append every raw datagram (and loss report) read from now on to ``f``; None stops."""
-        if f is not None:
-            _write_header(f, {"filter_mode": self.stats.filter_mode, "kernel": os.uname().release})
-        self._recorder = f
 
     def close(self) -> None:
         if self._sock.fileno() < 0:
@@ -436,288 +418,3 @@ def _deliver(sink: EventSink, fields: tuple) -> int:
     elif what == PROC_EVENT_EXEC:
         sink.on_exec(ts, a, b)
     return what
-
-
-# -- recorded streams ----------------------------------------------------------------------
-# File format: a magic line, one JSON metadata line, then entries of (kind u8, length u16,
-# payload). Kind 1 is a raw datagram exactly as the kernel sent it; kind 2 is a loss report
-# whose payload is the reason. Raw bytes keep recordings independent of this decoder.
-_MAGIC = b"CGGUARD-CNPROC 1\n"
-_ENTRY = struct.Struct("=BH")
-_KIND_DATAGRAM = 1
-_KIND_LOSS = 2
-
-
-def _write_header(f: BinaryIO, meta: dict) -> None:
-    f.write(_MAGIC)
-    f.write(json.dumps(meta, sort_keys=True).encode() + b"\n")
-
-
-def _write_datagram(f: BinaryIO, buf: bytearray, n: int) -> None:
-    f.write(_ENTRY.pack(_KIND_DATAGRAM, n))
-    f.write(memoryview(buf)[:n])
-
-
-def _write_loss(f: BinaryIO, reason: str) -> None:
-    data = reason.encode()
-    f.write(_ENTRY.pack(_KIND_LOSS, len(data)))
-    f.write(data)
-
-
-@dataclass
-class Recording:
-    meta: dict
-    entries: list[tuple[int, bytes]] = field(default_factory=list)
-
-
-def load_recording(path: str) -> Recording:
-    with open(path, "rb") as f:
-        if f.readline() != _MAGIC:
-            raise ValueError(f"{path}: not a cgguard proc-connector recording")
-        rec = Recording(json.loads(f.readline()))
-        while True:
-            head = f.read(_ENTRY.size)
-            if len(head) < _ENTRY.size:
-                break
-            kind, n = _ENTRY.unpack(head)
-            rec.entries.append((kind, f.read(n)))
-    return rec
-
-
-def iter_events(path: str) -> Iterator[tuple]:
-    """Decoded entries of a recording: ("loss", reason) or (what, ts, a, b, c, d)."""
-    for kind, data in load_recording(path).entries:
-        if kind == _KIND_LOSS:
-            yield ("loss", data.decode())
-        elif len(data) >= MSG_SIZE:
-            _seq, what, _cpu, ts, a, b, c, d, _e, _f = _EVENT.unpack_from(data, _EVENT_OFFSET)
-            yield (what, ts, a, b, c, d)
-
-
-def replay(path: str, sink: EventSink) -> int:
-    """Feed a recording into ``sink`` as ProcConnector.read would; returns entries handled
-    (events of every type and loss reports, as read() counts them)."""
-    n = 0
-    for kind, data in load_recording(path).entries:
-        if kind == _KIND_LOSS:
-            sink.on_loss(data.decode())
-            n += 1
-        elif len(data) >= MSG_SIZE:
-            _deliver(sink, _EVENT.unpack_from(data, _EVENT_OFFSET))
-            n += 1
-    return n
-
-
-def keep_lineage(path: str, out: str, root_tgid: int, meta: dict | None = None) -> int:
-    """Copy to ``out`` only the entries of ``path`` that belong to ``root_tgid`` and its
-    descendants (and loss reports): a recording of one workload without the host's other
-    processes. Returns the number of entries kept."""
-    rec = load_recording(path)
-    members = {root_tgid}
-    kept: list[bytes | str] = []
-    for kind, data in rec.entries:
-        if kind == _KIND_LOSS:
-            kept.append(data.decode())
-            continue
-        if len(data) < MSG_SIZE:
-            continue
-        _seq, what, _cpu, _ts, a, b, c, d, _e, _f = _EVENT.unpack_from(data, _EVENT_OFFSET)
-        if what == PROC_EVENT_FORK and (b in members or d in members):
-            members.add(d)
-        elif what not in (PROC_EVENT_EXEC, PROC_EVENT_EXIT) or b not in members:
-            continue
-        kept.append(data)
-    write_recording(out, kept, {**rec.meta, **(meta or {}), "root_tgid": root_tgid})
-    return len(kept)
-
-
-def encode_event(what: int, ts_ns: int, data: tuple[int, ...] = (), seq: int = 0, cpu: int = 0) -> bytes:
-    """A datagram as the kernel would send it, for tests and synthetic recordings."""
-    body = struct.pack("=IIQ", what, cpu, ts_ns) + struct.pack("=6I", *(tuple(data) + (0,) * (6 - len(data))))
-    cn = _CNHDR.pack(CN_IDX_PROC, CN_VAL_PROC, seq, 0, len(body), 0)
-    return _NLHDR.pack(16 + len(cn) + len(body), NLMSG_DONE, 0, 0, 0) + cn + body
-
-
-def write_recording(path: str, datagrams: list[bytes | str], meta: dict | None = None) -> None:
-    """Write a recording from datagrams (bytes) and loss reasons (str)."""
-    with open(path, "wb") as f:
-        _write_header(f, meta or {})
-        for d in datagrams:
-            if isinstance(d, str):
-                _write_loss(f, d)
-            else:
-                _write_datagram(f, bytearray(d), len(d))
-
-
-# -- measurement ---------------------------------------------------------------------------
-_FORK_LOOP_C = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
-
-/* argv: mode (vfork|fork) and count. Bounded by construction: exactly n children, each waited. */
-int main(int argc, char **argv) {
-    int use_vfork = argc > 1 && strcmp(argv[1], "vfork") == 0;
-    long n = argc > 2 ? atol(argv[2]) : 10000;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (long i = 0; i < n; i++) {
-        pid_t p = use_vfork ? vfork() : fork();
-        if (p == 0) _exit(0);
-        if (p < 0) { perror("fork"); return 1; }
-        waitpid(p, NULL, 0);
-    }
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("%ld %ld\n", n, (long)((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec)));
-    return 0;
-}
-"""
-
-
-def compile_fork_loop(workdir: str) -> str:
-    """Compile the bounded C fork loop into ``workdir``; returns the binary's path."""
-    from cgguard.testkit.corpus import compile_c
-
-    return compile_c(_FORK_LOOP_C, "forkloop", workdir)
-
-
-class _CountingSink:
-    """Counts the events of one workload (forks by ``parent``, exits of those children) and
-    passes every event on to ``inner`` if given."""
-
-    __slots__ = ("parent", "children", "forks", "exits", "losses", "total", "inner")
-
-    def __init__(self, inner: EventSink | None = None) -> None:
-        self.parent = -1
-        self.children: set[int] = set()
-        self.forks = self.exits = self.total = 0
-        self.losses: list[str] = []
-        self.inner = inner
-
-    def on_fork(self, ts_ns, parent_pid, parent_tgid, child_pid, child_tgid):
-        self.total += 1
-        if parent_tgid == self.parent:
-            self.forks += 1
-            self.children.add(child_tgid)
-        if self.inner is not None:
-            self.inner.on_fork(ts_ns, parent_pid, parent_tgid, child_pid, child_tgid)
-
-    def on_exec(self, ts_ns, pid, tgid):
-        self.total += 1
-        if self.inner is not None:
-            self.inner.on_exec(ts_ns, pid, tgid)
-
-    def on_exit(self, ts_ns, pid, tgid, exit_code, exit_signal):
-        self.total += 1
-        if tgid in self.children:
-            self.children.discard(tgid)
-            self.exits += 1
-        if self.inner is not None:
-            self.inner.on_exit(ts_ns, pid, tgid, exit_code, exit_signal)
-
-    def on_loss(self, reason):
-        self.losses.append(reason)
-        if self.inner is not None:
-            self.inner.on_loss(reason)
-
-
-def _run_loop(sb, exe: str, mode: str, n: int, conn: ProcConnector | None, sink: _CountingSink | None, label: str) -> dict:
-    import subprocess
-
-    cg = sb.cgroup(f"ingest-{mode}-{label}")
-    w = sb.spawn([exe, mode, str(n)], cg, deadline_s=10.0, cap=16, stdout=subprocess.PIPE)
-    if sink is not None:
-        sink.parent = w.proc.pid  # the enter script execs the loop: same pid
-    cpu0 = time.thread_time()
-    t0 = time.monotonic()
-    while w.proc.poll() is None:
-        if conn is not None and sink is not None:
-            if conn.wait(0.05):
-                conn.read(sink, 1 << 16)
-        else:
-            time.sleep(0.01)
-    t_end = time.monotonic()
-    if conn is not None and sink is not None:
-        # Drain what is still queued: the loop's last events and any backlog.
-        idle = 0
-        while idle < 3:
-            if conn.read(sink, 1 << 16) == 0:
-                idle += 1
-                conn.wait(0.02)
-    out = w.proc.stdout.read().decode().split() if w.proc.stdout else []
-    if len(out) != 2:
-        raise RuntimeError(f"fork loop ({mode}) failed: {out!r}")
-    done, ns = int(out[0]), int(out[1])
-    res = {"forks": done, "loop_s": ns / 1e9, "forks_per_s": round(done / (ns / 1e9))}
-    if conn is not None and sink is not None:
-        wall = t_end - t0
-        res.update(
-            seen_forks=sink.forks,
-            seen_exits=sink.exits,
-            events_total=sink.total,
-            reader_cpu_s=round(time.thread_time() - cpu0, 3),
-            events_per_s=round(sink.total / wall) if wall > 0 else 0,
-            lost_enobufs=sum(1 for r in sink.losses if r == "enobufs"),
-            complete=sink.forks == done and sink.exits == done,
-        )
-    return res
-
-
-def measure_ingest(n_forks: int = 20000, rcvbuf: int = 32 << 20) -> dict:
-    """Kernel fork rates of a bounded C loop (vfork+_exit and fork+waitpid), without and with
-    this reader attached, and what the reader ingests meanwhile (events/s, loss, CPU): into a
-    counting sink, and for vfork also into a LineageTree that tracks every child.
-
-    Also measures the pure drain rate: the loop runs while nobody reads, then the queued backlog
-    is decoded in one go. Every loop runs inside a contained Sandbox (cap 16, deadline 10 s).
-    """
-    import tempfile
-
-    from cgguard.testkit.sandbox import Sandbox
-    from cgguard.state.lineage import LineageTree
-
-    out: dict = {"n_forks": n_forks}
-    with tempfile.TemporaryDirectory(prefix="cgguard-forkloop-") as tmp:
-        exe = compile_fork_loop(tmp)
-        sb = Sandbox.create(prefix="cgguard-bench", cap=64)
-        try:
-            for mode in ("vfork", "fork"):
-                out[f"{mode}_no_listener"] = _run_loop(sb, exe, mode, n_forks, None, None, "off")
-                with ProcConnector(rcvbuf=rcvbuf) as conn:
-                    r = _run_loop(sb, exe, mode, n_forks, conn, _CountingSink(), "reader")
-                    r["filter_mode"] = conn.filter_mode
-                    r["lost_seq_estimate"] = conn.stats.lost_seq_estimate
-                    out[f"{mode}_with_reader"] = r
-            with ProcConnector(rcvbuf=rcvbuf) as conn:
-                tree = LineageTree(in_scope=lambda cg: cg == sb.name or cg.startswith(sb.name + "/"))
-                r = _run_loop(sb, exe, "vfork", n_forks, conn, _CountingSink(tree), "tree")
-                r["tree_records_left"] = tree.stats.records
-                out["vfork_with_tree"] = r
-            # Drain throughput: queue the events unread, then decode the backlog.
-            with ProcConnector(rcvbuf=max(rcvbuf, 64 << 20)) as conn:
-                cg = sb.cgroup("ingest-drain")
-                w = sb.spawn([exe, "vfork", str(n_forks)], cg, deadline_s=10.0, cap=16)
-                w.proc.wait(timeout=10)
-                sink = _CountingSink()
-                sink.parent = w.proc.pid
-                t0 = time.perf_counter()
-                c0 = time.thread_time()
-                while conn.read(sink, 1 << 16):
-                    pass
-                dt = time.perf_counter() - t0
-                out["drain"] = {
-                    "events": sink.total,
-                    "seen_forks": sink.forks,
-                    "seconds": round(dt, 4),
-                    "events_per_s": round(sink.total / dt) if dt else 0,
-                    "cpu_s_per_100k": round((time.thread_time() - c0) / max(sink.total, 1) * 1e5, 3),
-                    "lost_enobufs": conn.stats.lost_enobufs,
-                }
-        finally:
-            left = sb.close()
-    if left:
-        raise RuntimeError(f"cgroups left behind: {left}")
-    return out

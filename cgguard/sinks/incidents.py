@@ -80,6 +80,10 @@ class IncidentLog:
         finally:
             os.close(fd)
 
+    def count(self) -> int:
+        """Incidents in the log (earlier runs included)."""
+        return len(read(self.path).incidents)
+
     def append(self, incident: Incident) -> None:
         line = json.dumps(incident.to_dict(), sort_keys=True, default=str) + "\n"
         with self._lock:

@@ -4,7 +4,8 @@ Two sources, so the hot path pays nothing for metrics it does not produce:
 
 * **events** (:meth:`Metrics.incident`) update counters and histograms as they happen;
 * **state** (gauges, and counters the agent already keeps, such as proc connector events) is read
-  from the agent's ``snapshot()`` by a custom collector only when someone scrapes ``/metrics``.
+  from the status the agent publishes (:class:`~cgguard.state.status.StatusBoard`) by a custom
+  collector, only when someone scrapes ``/metrics``.
 
 The registry is private to each :class:`Metrics` (not the process-global default), so tests and
 an agent restarted in-process never see duplicate-registration errors or stale series.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,17 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from cgguard import __version__
 from cgguard.attribution import KINDS, LABEL_NAMES, attribute
+from cgguard.sinks.incidents import Incident
+from cgguard.state.status import CgroupStatus, Status, StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -77,39 +84,39 @@ class MetricSpec:
     type: str
     labels: tuple[str, ...]
     help: str
-    source: str  # "snapshot" (filled at scrape time), "event" or "process"
+    source: str  # "status" (read at scrape time), "event" or "process"
 
 
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("cgguard_build_info", "gauge", ("version", "python", "kernel"), "Build and host information; always 1.", "process"),
-    MetricSpec("cgguard_ready", "gauge", (), "1 once the agent watches every configured cgroup and reads the proc connector (as /readyz).", "snapshot"),
-    MetricSpec("cgguard_dry_run", "gauge", (), "1 if the agent only detects and records, never acts.", "snapshot"),
-    MetricSpec("cgguard_watched_cgroups", "gauge", (), "Cgroups currently watched.", "snapshot"),
-    MetricSpec("cgguard_cgroups_by_state", "gauge", ("state",), "Watched cgroups per detector state.", "snapshot"),
+    MetricSpec("cgguard_ready", "gauge", (), "1 once the agent watches every configured cgroup and reads the proc connector (as /readyz).", "status"),
+    MetricSpec("cgguard_dry_run", "gauge", (), "1 if the agent only detects and records, never acts.", "status"),
+    MetricSpec("cgguard_watched_cgroups", "gauge", (), "Cgroups currently watched.", "status"),
+    MetricSpec("cgguard_cgroups_by_state", "gauge", ("state",), "Watched cgroups per detector state.", "status"),
     MetricSpec("cgguard_cgroup_tasks", "gauge", _CGROUP_LABELS,
-               f"Tasks (threads) per watched cgroup: the largest (top {TOP_CGROUPS} by default), the rest summed into cgroup=\"{OTHER}\".", "snapshot"),
-    MetricSpec("cgguard_cgroup_pids_max", "gauge", _CGROUP_LABELS, "pids.max of the cgroups exported in cgguard_cgroup_tasks, where set.", "snapshot"),
+               f"Tasks (threads) per watched cgroup: the largest (top {TOP_CGROUPS} by default), the rest summed into cgroup=\"{OTHER}\".", "status"),
+    MetricSpec("cgguard_cgroup_pids_max", "gauge", _CGROUP_LABELS, "pids.max of the cgroups exported in cgguard_cgroup_tasks, where set.", "status"),
     MetricSpec("cgguard_incidents_total", "counter", ("action", "result"), "Bombs acted on (or reported) since the agent started.", "event"),
     MetricSpec("cgguard_incidents_by_kind_total", "counter", ("workload_kind",), "Incidents per kind of workload owning the cgroup.", "event"),
     MetricSpec("cgguard_last_incident_timestamp_seconds", "gauge", (), "Unix time of the last incident (0: none since start).", "event"),
-    MetricSpec("cgguard_incidents_recorded", "gauge", (), "Incidents in the state directory's record, including earlier runs.", "snapshot"),
+    MetricSpec("cgguard_incidents_recorded", "gauge", (), "Incidents in the state directory's record, including earlier runs.", "status"),
     MetricSpec("cgguard_detection_latency_seconds", "histogram", (), "From the first sign of growth to the verdict.", "event"),
     MetricSpec("cgguard_removal_latency_seconds", "histogram", (), "From the verdict to the cgroup (or lineage) being empty.", "event"),
-    MetricSpec("cgguard_procconn_info", "gauge", ("mode",), "Proc connector mode (e.g. filtered, all, off); always 1.", "snapshot"),
-    MetricSpec("cgguard_procconn_events_received_total", "counter", (), "Proc connector events read.", "snapshot"),
-    MetricSpec("cgguard_procconn_events_lost_total", "counter", (), "Proc connector events lost (sequence gaps, overflows).", "snapshot"),
-    MetricSpec("cgguard_procconn_enobufs_total", "counter", (), "Receive-buffer overflows reported by the kernel (ENOBUFS).", "snapshot"),
-    MetricSpec("cgguard_procconn_resyncs_total", "counter", (), "Lineage resynchronisations from /proc after a loss.", "snapshot"),
-    MetricSpec("cgguard_lineage_tracking", "gauge", (), "1 while lineage tracking is enabled.", "snapshot"),
-    MetricSpec("cgguard_lineage_reset_interval_seconds", "gauge", (), "Aging interval (the seed's reset_interval).", "snapshot"),
-    MetricSpec("cgguard_lineage_records", "gauge", (), "Lineage records held, live and placeholders.", "snapshot"),
-    MetricSpec("cgguard_lineage_live_processes", "gauge", (), "Tracked processes that are alive.", "snapshot"),
-    MetricSpec("cgguard_lineage_placeholders", "gauge", (), "Records of exited processes kept for their children.", "snapshot"),
-    MetricSpec("cgguard_lineage_aging_runs_total", "counter", (), "Aging runs.", "snapshot"),
-    MetricSpec("cgguard_lineage_records_forgotten_total", "counter", (), "Records forgotten by aging.", "snapshot"),
+    MetricSpec("cgguard_procconn_info", "gauge", ("mode",), "Proc connector mode (e.g. filtered, all, off); always 1.", "status"),
+    MetricSpec("cgguard_procconn_events_received_total", "counter", (), "Proc connector events read.", "status"),
+    MetricSpec("cgguard_procconn_overflows_total", "counter", (), "Receive-queue overflows (ENOBUFS): the kernel dropped an unknown number of events.", "status"),
+    MetricSpec("cgguard_procconn_events_lost_total", "counter", (), "Events known to be lost from per-CPU sequence gaps (without the event filter only; a lower bound).", "status"),
+    MetricSpec("cgguard_procconn_rescans_total", "counter", (), "Re-reads of the watched cgroups from /proc after events were lost.", "status"),
+    MetricSpec("cgguard_lineage_tracking", "gauge", (), "1 while lineage tracking is enabled.", "status"),
+    MetricSpec("cgguard_lineage_reset_interval_seconds", "gauge", (), "Aging interval (the seed's reset_interval).", "status"),
+    MetricSpec("cgguard_lineage_records", "gauge", (), "Lineage records held, live and placeholders.", "status"),
+    MetricSpec("cgguard_lineage_live_processes", "gauge", (), "Tracked processes that are alive.", "status"),
+    MetricSpec("cgguard_lineage_placeholders", "gauge", (), "Records of exited processes kept for their children.", "status"),
+    MetricSpec("cgguard_lineage_aging_runs_total", "counter", (), "Aging runs.", "status"),
+    MetricSpec("cgguard_lineage_records_forgotten_total", "counter", (), "Records forgotten by aging.", "status"),
     MetricSpec("cgguard_agent_cpu_seconds_total", "counter", (), "CPU time (user + system) used by the agent process.", "process"),
     MetricSpec("cgguard_agent_resident_memory_bytes", "gauge", (), "Resident memory of the agent process.", "process"),
-    MetricSpec("cgguard_snapshot_errors_total", "counter", (), "Scrapes where the agent's snapshot() raised; state metrics were skipped.", "process"),
+    MetricSpec("cgguard_status_errors_total", "counter", (), "Scrapes where reading the agent's status failed; state metrics were skipped.", "process"),
 )
 _HELP = {m.name: m.help for m in METRICS}
 
@@ -117,18 +124,6 @@ _HELP = {m.name: m.help for m in METRICS}
 def _base(name: str) -> str:
     # prometheus_client's counters take the name without the _total they add themselves.
     return name.removesuffix("_total")
-
-
-def _num(d: Any, key: str) -> float | None:
-    """A number from a snapshot section, or None if it is missing or not a number."""
-    if not isinstance(d, dict):
-        return None
-    v = d.get(key)
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    return None
 
 
 def _gauge(name: str, value: float | None) -> Iterator[Metric]:
@@ -141,46 +136,38 @@ def _counter(name: str, value: float | None) -> Iterator[Metric]:
         yield CounterMetricFamily(_base(name), _HELP[name], value=value)
 
 
-def _cgroup_labels(entry: dict[str, Any]) -> list[str]:
-    path = str(entry.get("path", ""))
-    wd = entry.get("workload")
+def _cgroup_labels(c: CgroupStatus) -> list[str]:
+    wd = c.workload
     if isinstance(wd, dict) and wd.get("kind"):
-        labels = {
-            "workload_kind": wd.get("kind"),
-            "workload": wd.get("name"),
-            "pod_uid": wd.get("pod_uid"),
-            "container_id": wd.get("container_id"),
-            "qos": wd.get("qos"),
-            "runtime": wd.get("runtime"),
-        }
+        labels = {k: wd.get(k) for k in ("kind", "name", "pod_uid", "container_id", "qos", "runtime")}
+        labels["workload_kind"], labels["workload"] = labels.pop("kind"), labels.pop("name")
     else:
-        labels = dict(attribute(path).labels())  # cached: cheap on every scrape
-    return [path, *(str(labels.get(k) or "") for k in LABEL_NAMES)]
+        labels = dict(attribute(c.path).labels())  # cached: cheap on every scrape
+    return [c.path, *(str(labels.get(k) or "") for k in LABEL_NAMES)]
 
 
-def top_cgroups(cgroups: Iterable[Any], top_n: int) -> tuple[list[dict[str, Any]], int, int]:
-    """The ``top_n`` entries by tasks (ties by path, so scrapes are stable) and the rest summed.
+def top_cgroups(cgroups: Iterable[CgroupStatus], top_n: int) -> tuple[list[CgroupStatus], int, int]:
+    """The ``top_n`` cgroups by tasks (ties by path, so scrapes are stable) and the rest summed.
 
-    Returns (top entries, tasks of the rest, number of the rest). Malformed entries are skipped.
+    Returns (top entries, tasks of the rest, number of the rest).
     """
-    valid = [c for c in cgroups if isinstance(c, dict) and isinstance(c.get("path"), str) and _num(c, "tasks") is not None]
-    valid.sort(key=lambda c: (-(_num(c, "tasks") or 0.0), c["path"]))
-    rest = valid[top_n:]
-    return valid[:top_n], int(sum(_num(c, "tasks") or 0.0 for c in rest)), len(rest)
+    ordered = sorted(cgroups, key=lambda c: (-c.tasks, c.path))
+    rest = ordered[top_n:]
+    return ordered[:top_n], sum(c.tasks for c in rest), len(rest)
 
 
-class _SnapshotCollector(Collector):
-    """Builds the state metrics from one snapshot() per scrape."""
+class _StatusCollector(Collector):
+    """Builds the state metrics from the latest published status, once per scrape."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], top_n: int):
-        self._snapshot = snapshot
+    def __init__(self, board: StatusBoard, top_n: int):
+        self._board = board
         self._top_n = top_n
         self._errors = 0
         self._proc = psutil.Process()
         self._build = {"version": __version__, "python": platform.python_version(), "kernel": os.uname().release}
 
     def describe(self) -> list[Metric]:
-        # Without describe() the registry would call collect() -- and so snapshot() -- at
+        # Without describe() the registry would call collect() -- and so the board -- at
         # registration, before the agent is up. Names are unique by construction.
         return []
 
@@ -191,16 +178,14 @@ class _SnapshotCollector(Collector):
         yield info
         yield from self._process()
         try:
-            snap = self._snapshot()
-            if not isinstance(snap, dict):
-                raise TypeError(f"snapshot() returned {type(snap).__name__}, not dict")
-        except Exception:  # a broken snapshot must not take /metrics down with it
+            st: Status | None = self._board.latest()
+        except Exception:  # a broken status must not take /metrics down with it
             self._errors += 1
-            log.exception("metrics: snapshot() failed")
-            snap = None
-        yield CounterMetricFamily(_base("cgguard_snapshot_errors_total"), _HELP["cgguard_snapshot_errors_total"], value=self._errors)
-        if snap is not None:
-            yield from self._state(snap)
+            log.exception("metrics: reading the status failed")
+            st = None
+        yield CounterMetricFamily(_base("cgguard_status_errors_total"), _HELP["cgguard_status_errors_total"], value=self._errors)
+        if st is not None:
+            yield from self._state(st)
 
     def _process(self) -> Iterator[Metric]:
         try:
@@ -212,62 +197,46 @@ class _SnapshotCollector(Collector):
         yield CounterMetricFamily(_base("cgguard_agent_cpu_seconds_total"), _HELP["cgguard_agent_cpu_seconds_total"], value=t.user + t.system)
         yield GaugeMetricFamily("cgguard_agent_resident_memory_bytes", _HELP["cgguard_agent_resident_memory_bytes"], value=rss)
 
-    def _state(self, snap: dict[str, Any]) -> Iterator[Metric]:
-        yield from _gauge("cgguard_ready", 1.0 if snap.get("ready") else 0.0)
-        yield from _gauge("cgguard_dry_run", 1.0 if snap.get("dry_run") else 0.0)
-        yield from _gauge("cgguard_incidents_recorded", _num(snap.get("incidents"), "total"))
+    def _state(self, st: Status) -> Iterator[Metric]:
+        yield from _gauge("cgguard_ready", 1.0 if st.ready else 0.0)
+        yield from _gauge("cgguard_dry_run", 1.0 if st.dry_run else 0.0)
+        yield from _gauge("cgguard_incidents_recorded", float(st.incidents.recorded))
+        yield from self._cgroups(st)
+        pc = st.connector
+        fam = GaugeMetricFamily("cgguard_procconn_info", _HELP["cgguard_procconn_info"], labels=["mode"])
+        fam.add_metric([pc.mode], 1.0)
+        yield fam
+        yield from _counter("cgguard_procconn_events_received_total", float(pc.received))
+        yield from _counter("cgguard_procconn_overflows_total", float(pc.overflows))
+        yield from _counter("cgguard_procconn_events_lost_total", float(pc.lost_estimate))
+        yield from _counter("cgguard_procconn_rescans_total", float(pc.rescans))
+        tr = st.tracking
+        yield from _gauge("cgguard_lineage_tracking", 1.0 if tr.enabled else 0.0)
+        yield from _gauge("cgguard_lineage_reset_interval_seconds", tr.reset_interval_ms / 1000.0)
+        yield from _gauge("cgguard_lineage_records", float(tr.records))
+        yield from _gauge("cgguard_lineage_live_processes", float(tr.live))
+        yield from _gauge("cgguard_lineage_placeholders", float(tr.placeholders))
+        yield from _counter("cgguard_lineage_aging_runs_total", float(tr.aging_runs))
+        yield from _counter("cgguard_lineage_records_forgotten_total", float(tr.forgotten_total))
 
-        cgroups = snap.get("cgroups")
-        if isinstance(cgroups, list):
-            yield from self._cgroups(cgroups)
-
-        pc = snap.get("procconn")
-        if isinstance(pc, dict):
-            if isinstance(pc.get("mode"), str):
-                fam = GaugeMetricFamily("cgguard_procconn_info", _HELP["cgguard_procconn_info"], labels=["mode"])
-                fam.add_metric([pc["mode"]], 1.0)
-                yield fam
-            yield from _counter("cgguard_procconn_events_received_total", _num(pc, "received"))
-            yield from _counter("cgguard_procconn_events_lost_total", _num(pc, "lost"))
-            yield from _counter("cgguard_procconn_enobufs_total", _num(pc, "enobufs"))
-            yield from _counter("cgguard_procconn_resyncs_total", _num(pc, "resyncs"))
-
-        ln = snap.get("lineage")
-        if isinstance(ln, dict):
-            yield from _gauge("cgguard_lineage_tracking", _num(ln, "tracking"))
-            ms = _num(ln, "reset_interval_ms")
-            yield from _gauge("cgguard_lineage_reset_interval_seconds", None if ms is None else ms / 1000.0)
-            yield from _gauge("cgguard_lineage_records", _num(ln, "records"))
-            yield from _gauge("cgguard_lineage_live_processes", _num(ln, "live"))
-            yield from _gauge("cgguard_lineage_placeholders", _num(ln, "placeholders"))
-            yield from _counter("cgguard_lineage_aging_runs_total", _num(ln, "aging_runs"))
-            yield from _counter("cgguard_lineage_records_forgotten_total", _num(ln, "forgotten_total"))
-
-    def _cgroups(self, cgroups: list[Any]) -> Iterator[Metric]:
-        yield from _gauge("cgguard_watched_cgroups", float(len(cgroups)))
-        states: dict[str, int] = {}
-        for c in cgroups:
-            if isinstance(c, dict):
-                st = str(c.get("state") or "unknown")
-                states[st] = states.get(st, 0) + 1
+    def _cgroups(self, st: Status) -> Iterator[Metric]:
+        yield from _gauge("cgguard_watched_cgroups", float(st.watched))
         by_state = GaugeMetricFamily("cgguard_cgroups_by_state", _HELP["cgguard_cgroups_by_state"], labels=["state"])
-        for st, n in sorted(states.items()):
-            by_state.add_metric([st], float(n))
+        for state, n in sorted(st.by_state.items()):
+            by_state.add_metric([state], float(n))
         yield by_state
-
-        top, rest_tasks, rest_n = top_cgroups(cgroups, self._top_n)
+        top, rest_tasks, rest_n = top_cgroups(st.cgroups, self._top_n)
         tasks = GaugeMetricFamily("cgguard_cgroup_tasks", _HELP["cgguard_cgroup_tasks"], labels=list(_CGROUP_LABELS))
         pmax = GaugeMetricFamily("cgguard_cgroup_pids_max", _HELP["cgguard_cgroup_pids_max"], labels=list(_CGROUP_LABELS))
         seen: set[tuple[str, ...]] = set()
         for c in top:
             labels = _cgroup_labels(c)
-            if tuple(labels) in seen:  # a duplicate path in the snapshot would be an invalid exposition
+            if tuple(labels) in seen:  # a duplicate path in the status would be an invalid exposition
                 continue
             seen.add(tuple(labels))
-            tasks.add_metric(labels, _num(c, "tasks") or 0.0)
-            pm = _num(c, "pids_max")
-            if pm is not None:
-                pmax.add_metric(labels, pm)
+            tasks.add_metric(labels, float(c.tasks))
+            if c.pids_max is not None:
+                pmax.add_metric(labels, float(c.pids_max))
         if rest_n:
             tasks.add_metric([OTHER, OTHER, *([""] * (len(LABEL_NAMES) - 1))], float(rest_tasks))
         yield tasks
@@ -275,9 +244,10 @@ class _SnapshotCollector(Collector):
 
 
 class Metrics:
-    """The agent's metrics: a private registry, event counters and the snapshot collector."""
+    """The agent's metrics: a private registry, incident counters (an incident sink) and the
+    status collector."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], top_n: int = TOP_CGROUPS):
+    def __init__(self, board: StatusBoard, top_n: int = TOP_CGROUPS):
         if top_n < 1:
             raise ValueError("top_n must be at least 1")
         # The *_created series double the series count and say nothing here (the agent's start
@@ -304,9 +274,15 @@ class Metrics:
         self.removal = Histogram(
             "cgguard_removal_latency_seconds", _HELP["cgguard_removal_latency_seconds"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(_SnapshotCollector(snapshot, top_n))
+        self.registry.register(_StatusCollector(board, top_n))
 
-    def incident(
+    def incident(self, inc: Incident) -> None:
+        """IncidentSink: count an incident once, with its result, and observe its latencies."""
+        if inc.result == "detected":
+            return
+        self.count(inc.action, inc.result, inc.detect_ms, inc.remove_ms, inc.workload)
+
+    def count(
         self,
         action: str,
         result: str,

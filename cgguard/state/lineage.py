@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
 from cgguard.kernel import procfs
-from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root, own_cgroup
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root
+from cgguard.kernel.cgroupns import own_cgroup
 from cgguard.kernel.procfs import ProcStat
 
 # Record.flags
@@ -171,7 +172,6 @@ class TreeStats:
     placeholders: int = 0
     forgotten_total: int = 0
     aging_runs: int = 0
-    resyncs: int = 0
     losses: int = 0
     pid_reuse: int = 0
     proc_reads: int = 0
@@ -225,17 +225,16 @@ class LineageTree:
         self.tracking_enabled = tracking_enabled
         self.exec_reads_per_s = exec_reads_per_s
         self.negative_cache_size = negative_cache_size
-        # Forks at this many clone generations mark their cgroup hot (see take_hot).
+        # Forks at this many clone generations are remembered per cgroup (deep_forks_since), so the
+        # lineage detector can skip cgroups where no chain got that deep.
         self.hot_clone_depth = hot_clone_depth
         self.wide_clone_depth = wide_clone_depth
 
         self._live: dict[int, Record] = {}
         self._members: dict[str, set[Record]] = {}
         self._neg: dict[int, None] = {}  # tgids known to be outside the watched cgroups
-        self._hot: dict[str, int] = {}
-        # Process forks per cgroup (cumulative), and when a fork last reached hot_clone_depth.
-        self.forks_by_cgroup: dict[str, int] = {}
         self._touched: set[str] = set()  # cgroups that forked since the last take_activity()
+        # When a fork in a cgroup last reached hot_clone_depth clone generations ...
         self.deep_fork_ns: dict[str, int] = {}
         # ... and when one last reached wide_clone_depth (for wide, shallow replication).
         self.wide_fork_ns: dict[str, int] = {}
@@ -291,14 +290,7 @@ class LineageTree:
         rec.cdepth = parent.cdepth + 1
         self._link(rec, parent)
         self._add(rec)
-        fc = self.forks_by_cgroup
-        fc[cg] = fc.get(cg, 0) + 1
         self._touched.add(cg)
-
-    def _deep(self, cg: str, cdepth: int, ts_ns: int) -> None:
-        self.deep_fork_ns[cg] = ts_ns
-        if self._hot.get(cg, 0) < cdepth:
-            self._hot[cg] = cdepth
 
     def on_exec(self, ts_ns: int, pid: int, tgid: int) -> None:
         rec = self._live.get(tgid)
@@ -395,7 +387,7 @@ class LineageTree:
         if rec.cdepth >= self.wide_clone_depth:
             self.wide_fork_ns[rec.cgroup] = rec.start_ns
             if rec.cdepth >= self.hot_clone_depth:
-                self._deep(rec.cgroup, rec.cdepth, rec.start_ns)
+                self.deep_fork_ns[rec.cgroup] = rec.start_ns
 
     def _end(self, rec: Record, ts_ns: int) -> None:
         """The process exited (or its exit was missed): keep a placeholder only for children."""
@@ -566,7 +558,7 @@ class LineageTree:
         linking parent and child where both are known. Returns records added."""
         return self._sync(list(cgroups), mark_gone=False)
 
-    def resync(self, cgroups: Iterable[str] | None = None) -> int:
+    def resync(self, cgroups: Iterable[str] | None = None, mark_incomplete: bool = True) -> int:
         """Re-read the live set of ``cgroups`` after loss (default: every cgroup with records).
 
         Records whose process is gone become dead (placeholders if they have children), unknown
@@ -575,9 +567,9 @@ class LineageTree:
         """
         tops = list(cgroups) if cgroups is not None else self._top_cgroups()
         added = self._sync(tops, mark_gone=True)
-        self.incomplete.update(tops)
-        self._stats.resyncs += 1
-        self.loss_pending = False
+        if mark_incomplete:
+            self.incomplete.update(tops)
+            self.loss_pending = False
         return added
 
     def _top_cgroups(self) -> list[str]:
@@ -672,7 +664,7 @@ class LineageTree:
             # Freed records (with the placeholders freed on the way up) and detached ones.
             forgotten = before - self._nrec + sum(1 for r in kept if not r.flags & FREED)
             self._stats.forgotten_total += forgotten
-        for table in (self.deep_fork_ns, self.wide_fork_ns, self.forks_by_cgroup):
+        for table in (self.deep_fork_ns, self.wide_fork_ns):
             for cg in [cg for cg in table if cg not in self._members]:
                 del table[cg]
         return forgotten
@@ -708,12 +700,6 @@ class LineageTree:
     def live_members(self, record: Record) -> list[tuple[int, int]]:
         """Identities of the live processes of ``record``'s subtree, the record itself included."""
         return [r.identity for r in walk(record) if r.alive]
-
-    def take_hot(self) -> dict[str, int]:
-        """Cgroups where a fork reached ``hot_clone_depth`` clone generations since the last
-        call, with the deepest seen: the cheap signal that the lineage detector should look."""
-        hot, self._hot = self._hot, {}
-        return hot
 
     def take_activity(self) -> set[str]:
         """Cgroups whose processes forked since the last call."""
@@ -773,36 +759,6 @@ class LineageTree:
     def stats_dict(self) -> dict:
         return self.stats.as_dict()
 
-    def to_json(self, cgroup: str, badness: Callable[[int], int] | None = None) -> dict:
-        """The cgroup's lineage forest for ``cgguard tree``: every node with its seed score."""
-        members, roots = self.forest(cgroup)
-        scores = seed_scores(roots, members, badness)
-        nodes: dict[Record, dict] = {}
-        for rec in postorder(roots, members):
-            comm, cmdline = self.describe(rec)
-            score, family = scores[rec]
-            kids = [nodes.pop(c) for c in rec.children() if c in nodes]
-            kids.sort(key=lambda n: n["start_ns"])
-            nodes[rec] = {
-                "pid": rec.tgid,
-                "start_ns": rec.start_ns,
-                "comm": comm,
-                "cmdline": cmdline,
-                "alive": rec.alive,
-                "placeholder": not rec.alive,
-                "forgotten": bool(rec.flags & FORGOTTEN),
-                "threads": rec.threads if rec.alive else 0,
-                "family": family,
-                "depth": rec.depth,
-                "score": score,
-                "children": kids,
-            }
-        return {
-            "cgroup": cgroup,
-            "incomplete": self.is_incomplete(cgroup),
-            "forest": [nodes[r] for r in roots if r in nodes],
-        }
-
 
 # -- walks and the seed's score (pure) -----------------------------------------------------
 def _within(cg: str, top: str, subtree: bool = True) -> bool:
@@ -859,85 +815,3 @@ def seed_scores(
             c = c.next_sib
         out[r] = (score, family)
     return out
-
-
-# -- measurement ---------------------------------------------------------------------------
-class _BenchProc:
-    """A /proc that knows one process: the origin of the synthetic stream."""
-
-    def stat(self, pid: int) -> ProcStat | None:
-        return ProcStat(pid, "bench", "S", 1, 0, 1) if pid == 1 else None
-
-    def cmdline(self, pid: int) -> str | None:
-        return "bench --origin" if pid == 1 else None
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def measure_bookkeeping(n: int = 100_000) -> dict:
-    """Per-event cost of the tree and memory per record, on a synthetic stream of ``n`` forks
-    shaped like a bomb (every record forks two children), then ``n`` exits; plus fork+exit
-    churn (an xargs-like parent). Bytes per record come from tracemalloc in a separate pass,
-    RSS from /proc/self/status with ``n`` live records held."""
-    import gc
-    import tracemalloc
-
-    def build() -> tuple[LineageTree, list[int], float]:
-        tree = LineageTree(in_scope=lambda cg: True, cgroup_of=lambda pid: "bench", proc=_BenchProc())  # type: ignore[arg-type]
-        tree.on_exec(1, 1, 1)
-        pids = list(range(2, n + 2))
-        on_fork = tree.on_fork
-        t0 = time.perf_counter()
-        for i, pid in enumerate(pids):
-            parent = 1 if i < 2 else pids[(i - 2) // 2]
-            on_fork(1000 + i, parent, parent, pid, pid)
-        return tree, pids, time.perf_counter() - t0
-
-    gc.collect()
-    rss0 = _rss_bytes()
-    tree, pids, t_fork = build()
-    gc.collect()
-    rss1 = _rss_bytes()
-    records = tree.stats.records
-    on_exit = tree.on_exit
-    t0 = time.perf_counter()
-    for i, pid in enumerate(pids):
-        on_exit(10**9 + i, pid, pid, 0, 17)
-    t_exit = time.perf_counter() - t0
-    left = tree.stats.records
-    del tree
-    gc.collect()
-
-    churn = LineageTree(in_scope=lambda cg: True, cgroup_of=lambda pid: "bench", proc=_BenchProc())  # type: ignore[arg-type]
-    churn.on_exec(1, 1, 1)
-    t0 = time.perf_counter()
-    for i in range(n):
-        pid = 2 + i % 30000
-        churn.on_fork(2000 + 2 * i, 1, 1, pid, pid)
-        churn.on_exit(2001 + 2 * i, pid, pid, 0, 17)
-    t_churn = time.perf_counter() - t0
-
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    tree, _, _ = build()
-    traced = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
-    del tree
-    gc.collect()
-    return {
-        "n": n,
-        "records": records,
-        "us_per_fork": round(t_fork / n * 1e6, 3),
-        "us_per_exit": round(t_exit / n * 1e6, 3),
-        "us_per_churn_event": round(t_churn / (2 * n) * 1e6, 3),
-        "records_after_exits": left,
-        "bytes_per_record": round(traced / n),
-        "rss_delta_bytes": rss1 - rss0,
-        "rss_bytes_with_records": rss1,
-    }

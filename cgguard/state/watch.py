@@ -23,13 +23,13 @@ from typing import Callable, Iterable
 
 from inotify_simple import INotify, flags
 
-from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed, parse_max
 from cgguard.config import Sampling, glob_match, glob_may_match_below
+from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed, parse_max
+from cgguard.kernel.clock import MS
 from cgguard.state.samples import History, Sample
 
 log = logging.getLogger("cgguard.state.watch")
 
-MS = 1_000_000
 CALM_GRID_NS = 250 * MS
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
@@ -112,6 +112,7 @@ class Watcher:
         sampling: Sampling,
         clock: Callable[[], int] = time.monotonic_ns,
         exclude: Callable[[str], bool] | None = None,
+        on_removed: Callable[["Node"], None] | None = None,
     ):
         self.fs = fs
         self.watch = list(watch)
@@ -124,8 +125,7 @@ class Watcher:
         self._wd: dict[int, tuple[Node, str]] = {}
         self._heap: list[tuple[int, int, Node]] = []
         self._seq = 0
-        self.on_added: Callable[[Node], None] = lambda n: None
-        self.on_removed: Callable[[Node], None] = lambda n: None
+        self.on_removed: Callable[[Node], None] = on_removed or (lambda n: None)
         self.samples_taken = 0
         self.ready = False
         # Set by the agent when fork events (proc connector) wake cgroups: only then may calm
@@ -193,7 +193,6 @@ class Watcher:
             node.history = History()
             now = self.clock()
             self._schedule(node, now, self.sampling.slow_interval_ms * MS)
-            self.on_added(node)
         return node
 
     def _open_files(self, node: Node) -> None:

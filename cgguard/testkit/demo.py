@@ -16,9 +16,9 @@ import time
 from cgguard import config
 from cgguard.agent import Agent
 from cgguard.kernel.cgroupfs import CgroupFS
+from cgguard.testkit.corpus import WORKLOADS
 from cgguard.testkit.sandbox import Sandbox
-
-CLASSIC_BOMB = "D=$((EPOCHSECONDS+{secs})); :(){{ (( EPOCHSECONDS < D )) && {{ :|:& }}; }};:"
+from cgguard.testkit.sinks import CallbackSink
 
 
 def _say(msg: str) -> None:
@@ -51,16 +51,16 @@ def run_demo(fs: CgroupFS, keep_state: bool = False, cap: int = 1024, deadline_s
             got.append(inc)
             done.set()
 
-        agent = Agent(cfg, fs, on_incident=on_incident)
+        agent = Agent(cfg, fs, sinks=[CallbackSink(on_incident)])
         agent.setup()
         thread = threading.Thread(target=agent.run, name="cgguard-agent", daemon=True)
         thread.start()
-        _say(f"cgguard watches {sb.name}/** (lineage: {agent.lineage_note})")
+        _say(f"cgguard watches {sb.name}/** (tracking: {agent.tracking_note})")
         innocent = sb.spawn(["sleep", "60"], calm_cg, deadline_s=30)
         _say(f"started an innocent 'sleep 60' in {calm_cg}")
         time.sleep(0.3)
         t0 = time.monotonic()
-        bomb = sb.spawn(CLASSIC_BOMB.format(secs=int(deadline_s)), bomb_cg, deadline_s=deadline_s + 2)
+        bomb = sb.spawn(WORKLOADS["classic"].make(int(deadline_s)), bomb_cg, deadline_s=deadline_s + 2)
         _say(f"started the classic bash bomb :(){{ :|:& }};: in {bomb_cg}")
         if not done.wait(deadline_s + 5):
             _say("FAILED: cgguard did not report an incident before the bomb's deadline")

@@ -1,1 +1,1 @@
-"""The throwaway pure cgroup-v2 QEMU guest that runs tests/guest_tests: see vm.py."""
+"""The throwaway pure cgroup-v2 QEMU guest that runs tests/guest/inside: see vm.py."""

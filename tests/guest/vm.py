@@ -21,8 +21,8 @@ by the kernel and busybox package versions and the initramfs inputs, so a rerun 
 
 CLI for developers::
 
-    python -m tests.guest.vm                       # the guest tests, as tests/test_guest.py runs them
-    python -m tests.guest.vm -- pytest tests/guest_tests -q -k bomb
+    python -m tests.guest.vm                       # the guest tests, as tests/guest/test_guest.py runs them
+    python -m tests.guest.vm -- pytest tests/guest/inside -q -k bomb
     python -m tests.guest.vm --build-only          # fetch and build, print the image paths
 """
 
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(f"qemu:   {qemu}\nkernel: {image.kernel} ({image.release})\ninitrd: {image.initrd}")
         return 0
-    cmd = _host_command(args.command) or guest_pytest_argv("tests/guest_tests", *GUEST_PYTEST_ARGS)
+    cmd = _host_command(args.command) or guest_pytest_argv("tests/guest/inside", *GUEST_PYTEST_ARGS)
     log(f"booting {image.release}: {shlex.join(cmd)}")
     res = run_in_guest(cmd, args.timeout, cwd=os.getcwd(), results_dir=args.results)
     sys.stdout.write(res.stdout)

@@ -1,8 +1,8 @@
-"""Tests that run only inside the throwaway cgroup-v2 guest (booted by tests/test_guest.py).
+"""Tests that run only inside the throwaway cgroup-v2 guest (booted by tests/guest/test_guest.py).
 
 Outside the guest every test here is skipped: they start real fork bombs and take over the
 cgroup2 root, which only the throwaway VM may have done to it. The guest's /init sets
-CGGUARD_IN_GUEST=1. Adding a test is adding a ``test_*.py`` file here; tests/test_guest.py
+CGGUARD_IN_GUEST=1. Adding a test is adding a ``test_*.py`` file here; tests/guest/test_guest.py
 reports each guest test as a host test. Run them alone with ``python -m tests.guest.vm``.
 
 Timing under emulation varies 2-5x with the host's load: the deadlines below only stop a hung
@@ -27,7 +27,7 @@ HANG_GUARD = 60.0  # seconds; a hang guard, not a timing expectation
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
-    skip = pytest.mark.skip(reason="guest-only (runs in the test VM, reported by tests/test_guest.py)")
+    skip = pytest.mark.skip(reason="guest-only (runs in the test VM, reported by tests/guest/test_guest.py)")
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.guest)

@@ -39,7 +39,7 @@ def test_defaults_and_overrides():
     assert cfg.dry_run is True
     assert cfg.action == Action.report
     assert cfg.detect.lineage.min_family == 12
-    assert cfg.lineage.reset_interval_ms == 30000
+    assert cfg.tracking.reset_interval_ms == 30000
     assert cfg.state_dir == "/var/lib/cgguard"
 
 
@@ -58,7 +58,7 @@ def test_rules_first_match_wins():
         ({"kill_budget": {"max_actions": 0}}, "kill_budget.max_actions"),
         ({"sampling": {"fast_interval_ms": 5000, "slow_interval_ms": 1000}}, "sampling"),
         ({"listen": "nonsense"}, "listen"),
-        ({"lineage": {"reset_interval_ms": -1}}, "lineage.reset_interval_ms"),
+        ({"tracking": {"reset_interval_ms": -1}}, "tracking.reset_interval_ms"),
         ({"action": "explode"}, "action"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"surgical_fallback": "freeze"}, "surgical_fallback"),
@@ -77,7 +77,7 @@ def test_check_config_ok_yaml_and_toml(tmp_path):
     r = run_cli("check-config", str(y))
     assert r.returncode == 0 and "ok" in r.stdout
     t = tmp_path / "c.toml"
-    t.write_text('watch = ["system.slice/*.service"]\n[lineage]\nreset_interval_ms = 5000\n')
+    t.write_text('watch = ["system.slice/*.service"]\n[tracking]\nreset_interval_ms = 5000\n')
     r = run_cli("check-config", str(t))
     assert r.returncode == 0, r.stderr
 
@@ -128,5 +128,5 @@ def test_bad_flags_one_line_exit_2(args, needle, tmp_path):
 
 def test_reference_is_generated_from_models():
     ref = config.reference_markdown()
-    for key in ("watch", "detect.lineage.min_family", "lineage.reset_interval_ms", "kill_budget.max_actions"):
+    for key in ("watch", "detect.lineage.min_family", "tracking.reset_interval_ms", "kill_budget.max_actions"):
         assert f"`{key}`" in ref

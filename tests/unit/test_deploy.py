@@ -25,7 +25,7 @@ import yaml
 from cgguard.attribution import attribute
 from cgguard.config import Config, ConfigError, build, glob_match, parse_listen
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "systemd" / "cgguard.service"
 SYSTEMD_CONFIG = DEPLOY / "systemd" / "config.yaml"

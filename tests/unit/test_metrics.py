@@ -10,44 +10,59 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cgguard.attribution import attribute
 from cgguard.sinks.http import Server, serve
+from cgguard.sinks.incidents import Incident
+from cgguard.state.status import CgroupStatus, ConnectorStatus, IncidentsStatus, Status, StatusBoard, TrackingStatus
 from cgguard.sinks.metrics import LATENCY_BUCKETS, METRICS, OTHER, OUTCOMES, TOP_CGROUPS, Metrics, reference_markdown
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CID = "3f1c9a0e" * 8
 POD = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6b5a7f8e_1c2d_4e3f_9a0b_1c2d3e4f5a6b.slice/cri-containerd-{CID}.scope"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def full_snapshot(n_cgroups: int = 3) -> dict[str, Any]:
+def full_status(n_cgroups: int = 3) -> Status:
     cgroups = [
-        {"path": POD, "tasks": 40, "source": "pids.current", "pids_max": 4096, "state": "growing",
-         "workload": attribute(POD).to_dict()},
-        {"path": "system.slice/nginx.service", "tasks": 9, "source": "pids.current", "pids_max": None, "state": "calm",
-         "workload": attribute("system.slice/nginx.service").to_dict()},
+        CgroupStatus(path=POD, tasks=40, source="pids.current", pids_max=4096, state="active",
+                     workload=attribute(POD).to_dict()),
+        CgroupStatus(path="system.slice/nginx.service", tasks=9, source="pids.current", state="calm",
+                     workload=attribute("system.slice/nginx.service").to_dict()),
         # no workload: the collector attributes the path itself
-        {"path": "user.slice/user-1000.slice/session-3.scope", "tasks": 2, "source": "cgroup.threads", "pids_max": None,
-         "state": "calm"},
+        CgroupStatus(path="user.slice/user-1000.slice/session-3.scope", tasks=2, source="cgroup.threads", state="calm"),
     ]
     for i in range(max(0, n_cgroups - 3)):
-        cgroups.append({"path": f"system.slice/s{i:04d}.service", "tasks": 1 + i % 7, "state": "calm"})
-    return {
-        "ready": True,
-        "dry_run": False,
-        "cgroup_root": "/sys/fs/cgroup",
-        "cgroups": cgroups,
-        "procconn": {"mode": "filtered", "received": 123456, "lost": 7, "enobufs": 1, "resyncs": 2},
-        "lineage": {"tracking": True, "reset_interval_ms": 30000, "records": 321, "live": 300, "placeholders": 21,
-                    "aging_runs": 4, "forgotten_total": 1000},
-        "incidents": {"total": 5},
-    }
+        cgroups.append(CgroupStatus(path=f"system.slice/s{i:04d}.service", tasks=1 + i % 7, state="calm"))
+    by_state: dict[str, int] = {}
+    for c in cgroups:
+        by_state[c.state] = by_state.get(c.state, 0) + 1
+    return Status(
+        ready=True,
+        cgroup_root="/sys/fs/cgroup",
+        cgroups=cgroups,
+        watched=len(cgroups),
+        by_state=by_state,
+        connector=ConnectorStatus(mode="event-filter", received=123456, lost_estimate=7, overflows=1, rescans=2),
+        tracking=TrackingStatus(enabled=True, reset_interval_ms=30000, records=321, live=300, placeholders=21,
+                                aging_runs=4, forgotten_total=1000),
+        incidents=IncidentsStatus(since_start=2, recorded=5),
+    )
+
+
+def board_of(st: Status) -> StatusBoard:
+    b = StatusBoard()
+    b.publish(st, float("inf"))  # never stale: no loop to ask
+    return b
+
+
+def incident(action: str, result: str, detect_ms, remove_ms, workload) -> Incident:
+    return Incident(cgroup="x", action=action, reasons=[], tasks_at_detection=1, detector="growth", result=result,
+                    detect_ms=detect_ms, remove_ms=remove_ms, workload=workload)
 
 
 def parse(text: str) -> Samples:
@@ -76,12 +91,12 @@ def get(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, 
 
 
 class Agent:
-    """A stand-in for the agent: a mutable snapshot and readiness, served for real."""
+    """A stand-in for the agent: a published status and readiness, served for real."""
 
-    def __init__(self, snap: dict[str, Any]):
-        self.snap = snap
+    def __init__(self, st: Status):
+        self.board = board_of(st)
         self.ready = False
-        self.metrics = Metrics(lambda: self.snap)
+        self.metrics = Metrics(self.board)
         self.server: Server = serve("127.0.0.1:0", lambda: self.ready, self.metrics,
                                     extra={"/status": lambda: (200, "application/json", b'{"ok": true}\n'),
                                            "/boom": self._boom})
@@ -98,7 +113,7 @@ class Agent:
 
 @pytest.fixture
 def agent():
-    a = Agent(full_snapshot())
+    a = Agent(full_status())
     try:
         yield a
     finally:
@@ -112,19 +127,19 @@ def test_scrape_values(agent: Agent) -> None:
     assert value(s, "cgguard_watched_cgroups") == 3
     assert value(s, "cgguard_incidents_recorded") == 5
     assert value(s, "cgguard_cgroups_by_state", state="calm") == 2
-    assert value(s, "cgguard_cgroups_by_state", state="growing") == 1
+    assert value(s, "cgguard_cgroups_by_state", state="active") == 1
     pod = value(s, "cgguard_cgroup_tasks", cgroup=POD, workload_kind="pod", workload=f"pod 6b5a7f8e-1c2d-4e3f-9a0b-1c2d3e4f5a6b container {CID[:12]}",
                 pod_uid="6b5a7f8e-1c2d-4e3f-9a0b-1c2d3e4f5a6b", container_id=CID, qos="burstable", runtime="containerd")
     assert pod == 40
-    # attributed by the collector (the snapshot entry had no workload)
+    # attributed by the collector (the status entry had no workload)
     assert value(s, "cgguard_cgroup_tasks", cgroup="user.slice/user-1000.slice/session-3.scope", workload_kind="session",
                  workload="session 3 of uid 1000", pod_uid="", container_id="", qos="", runtime="") == 2
     assert len(series(s, "cgguard_cgroup_pids_max")) == 1  # only where pids.max is set
     assert value(s, "cgguard_procconn_events_received_total") == 123456
     assert value(s, "cgguard_procconn_events_lost_total") == 7
-    assert value(s, "cgguard_procconn_enobufs_total") == 1
-    assert value(s, "cgguard_procconn_resyncs_total") == 2
-    assert value(s, "cgguard_procconn_info", mode="filtered") == 1
+    assert value(s, "cgguard_procconn_overflows_total") == 1
+    assert value(s, "cgguard_procconn_rescans_total") == 2
+    assert value(s, "cgguard_procconn_info", mode="event-filter") == 1
     assert value(s, "cgguard_lineage_tracking") == 1
     assert value(s, "cgguard_lineage_reset_interval_seconds") == 30
     assert value(s, "cgguard_lineage_records") == 321
@@ -136,7 +151,7 @@ def test_scrape_values(agent: Agent) -> None:
     assert value(s, "cgguard_agent_cpu_seconds_total") > 0
     (build,) = series(s, "cgguard_build_info")
     assert dict(build)["version"] and dict(build)["kernel"] == os.uname().release
-    assert value(s, "cgguard_snapshot_errors_total") == 0
+    assert value(s, "cgguard_status_errors_total") == 0
     # every pre-initialised incident series is there, at 0
     pre = series(s, "cgguard_incidents_total")
     assert len(pre) == sum(len(r) for r in OUTCOMES.values())
@@ -145,27 +160,30 @@ def test_scrape_values(agent: Agent) -> None:
             assert value(s, "cgguard_incidents_total", action=a, result=r) == 0
 
 
-def test_scrape_follows_the_snapshot(agent: Agent) -> None:
-    agent.snap["procconn"]["received"] += 1000
-    agent.snap["cgroups"][0]["tasks"] = 900
+def test_scrape_follows_the_status(agent: Agent) -> None:
+    st = full_status()
+    st.connector.received += 1000
+    st.cgroups[0].tasks = 900
+    agent.board.publish(st, float("inf"))
     s = agent.scrape()
     assert value(s, "cgguard_procconn_events_received_total") == 124456
     assert max(series(s, "cgguard_cgroup_tasks").values()) == 900
 
 
 def test_cardinality_bounded_with_500_cgroups(agent: Agent) -> None:
-    agent.snap = full_snapshot(500)
+    st = full_status(500)
+    agent.board.publish(st, float("inf"))
     s = agent.scrape()
     tasks = series(s, "cgguard_cgroup_tasks")
     assert len(tasks) == TOP_CGROUPS + 1
     assert value(s, "cgguard_watched_cgroups") == 500
     other = [v for labels, v in tasks.items() if dict(labels)["cgroup"] == OTHER]
     assert len(other) == 1
-    everything = sum(c["tasks"] for c in agent.snap["cgroups"])
+    everything = sum(c.tasks for c in st.cgroups)
     assert sum(tasks.values()) == everything  # nothing lost, only folded
     # the exported ones are the biggest: none folded into _other is larger than any exported one
     exported = sorted((v for labels, v in tasks.items() if dict(labels)["cgroup"] != OTHER), reverse=True)
-    folded = sorted((c["tasks"] for c in agent.snap["cgroups"]), reverse=True)[TOP_CGROUPS:]
+    folded = sorted((c.tasks for c in st.cgroups), reverse=True)[TOP_CGROUPS:]
     assert min(exported) >= max(folded)
     assert exported[0] == 40  # the pod
     # every label set of the family has the same names (an invalid exposition otherwise)
@@ -173,14 +191,14 @@ def test_cardinality_bounded_with_500_cgroups(agent: Agent) -> None:
 
 
 def test_top_n_is_configurable() -> None:
-    m = Metrics(lambda: full_snapshot(40), top_n=5)
+    m = Metrics(board_of(full_status(40)), top_n=5)
     s = parse(m.render()[0].decode())
     assert len(series(s, "cgguard_cgroup_tasks")) == 6
 
 
 def test_incident_increments_counter_and_histograms(agent: Agent) -> None:
     before = agent.scrape()
-    agent.metrics.incident("kill-cgroup", "removed", detect_ms=30.0, remove_ms=7.0, workload=attribute(POD).to_dict())
+    agent.metrics.incident(incident("kill-cgroup", "removed", 30.0, 7.0, attribute(POD).to_dict()))
     after = agent.scrape()
     key = dict(action="kill-cgroup", result="removed")
     assert value(after, "cgguard_incidents_total", **key) == value(before, "cgguard_incidents_total", **key) + 1
@@ -194,7 +212,8 @@ def test_incident_increments_counter_and_histograms(agent: Agent) -> None:
             want = 1 if secs <= le else 0
             assert value(after, f"{name}_bucket", le=str(le)) == want, (name, le)
     # an unmeasured latency adds no observation; an unknown result is still counted
-    agent.metrics.incident("report", "weird", None, None, None)
+    agent.metrics.incident(incident("report", "weird", None, None, None))
+    agent.metrics.incident(incident("report", "detected", None, None, None))  # counted once, with its result
     later = agent.scrape()
     assert value(later, "cgguard_detection_latency_seconds_count") == 1
     assert value(later, "cgguard_incidents_total", action="report", result="weird") == 1
@@ -230,37 +249,38 @@ def test_ready_callable_raising_means_not_ready() -> None:
         srv.close()
 
 
-def test_tolerant_of_missing_keys_and_failing_snapshot() -> None:
-    m = Metrics(lambda: {})
-    s = parse(m.render()[0].decode())
+def test_empty_status_and_failing_board() -> None:
+    s = parse(Metrics(StatusBoard()).render()[0].decode())  # nothing published yet
     assert value(s, "cgguard_ready") == 0
-    assert not series(s, "cgguard_procconn_events_received_total")  # absent, not a made-up 0
+    assert value(s, "cgguard_watched_cgroups") == 0
 
-    partial = {"cgroups": [{"path": "a"}, "junk", {"tasks": 3}, {"path": "b", "tasks": "many"}, {"path": "c", "tasks": 4}],
-               "procconn": {"mode": 3, "received": "x"}, "lineage": None}
-    s = parse(Metrics(lambda: partial).render()[0].decode())
-    assert value(s, "cgguard_watched_cgroups") == 5
-    assert [dict(k)["cgroup"] for k in series(s, "cgguard_cgroup_tasks")] == ["c"]
+    class Failing(StatusBoard):
+        calls = 0
 
-    calls = {"n": 0}
+        def latest(self, max_age_s: float = 1.0, timeout_s: float = 1.0) -> Status:
+            Failing.calls += 1
+            raise OSError("agent state unavailable")
 
-    def failing() -> dict:
-        calls["n"] += 1
-        raise OSError("agent state unavailable")
-
-    m = Metrics(failing)
+    m = Metrics(Failing())
+    parse(m.render()[0].decode())
     s = parse(m.render()[0].decode())
-    s = parse(m.render()[0].decode())
-    assert calls["n"] == 2
-    assert value(s, "cgguard_snapshot_errors_total") == 2
+    assert Failing.calls == 2
+    assert value(s, "cgguard_status_errors_total") == 2
     assert value(s, "cgguard_agent_resident_memory_bytes") > 0
     assert not series(s, "cgguard_ready")
 
 
-def test_snapshot_not_called_at_construction() -> None:
-    calls = []
-    Metrics(lambda: calls.append(1) or {})
-    assert calls == []  # the agent may not be able to answer before it runs
+def test_board_asks_the_loop_for_a_fresh_status_at_most_once() -> None:
+    b = StatusBoard()
+    asked = []
+    b.bind(lambda: asked.append(1))
+    b.publish(full_status(), 0.0)  # long stale
+    assert b.latest(timeout_s=0.05).ready is True  # nobody answered: the last one
+    assert asked == [1]
+    b.latest(timeout_s=0.05)
+    assert asked == [1]  # a request is pending: not asked again
+    threading.Timer(0.05, lambda: b.publish(Status(ready=False), float("inf"))).start()
+    assert b.latest(timeout_s=5).ready is False
 
 
 def test_openmetrics_negotiation(agent: Agent) -> None:
@@ -316,8 +336,8 @@ def test_ipv6_listen() -> None:
 
 
 def test_reference_matches_scrape_and_readme() -> None:
-    m = Metrics(lambda: full_snapshot())
-    m.incident("kill-cgroup", "removed", 10, 10, None)
+    m = Metrics(board_of(full_status()))
+    m.incident(incident("kill-cgroup", "removed", 10, 10, None))
     fams = {f.name: f for f in text_string_to_metric_families(m.render()[0].decode())}
     spec = {x.name: x for x in METRICS}
 
@@ -341,8 +361,8 @@ def test_promtool_check_metrics() -> None:
         reason = "promtool not installed (Debian: apt-get install -y --no-install-recommends prometheus)"
         print(reason)
         pytest.skip(reason)
-    m = Metrics(lambda: full_snapshot(500))
-    m.incident("kill-lineage", "removed", 12, 80, attribute(POD).to_dict())
+    m = Metrics(board_of(full_status(500)))
+    m.incident(incident("kill-lineage", "removed", 12, 80, attribute(POD).to_dict()))
     body, _ = m.render()
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert r.returncode == 0, (r.stdout + r.stderr).decode()

@@ -1,7 +1,7 @@
 """The lineage detector: bomb shapes are found well before 256 tasks, parallel work is spared.
 
 Unit tests drive synthetic event streams through a LineageTree (see ``Sim`` in
-test_lineage.py) and call the detector the way the agent does: the cheap pre-check after every
+tests/lineage_sim.py) and call the detector the way the agent does: the cheap pre-check after every
 batch of events, a full evaluation when it says so. Benign shapes are also evaluated after
 every batch regardless of the pre-check, so a pre-check that hides a false positive would not
 pass. Integration tests run real bombs inside a contained Sandbox.
@@ -9,23 +9,19 @@ pass. Integration tests run real bombs inside a contained Sandbox.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import time
 
-import pytest
 
 from cgguard.detect import Verdict
-from cgguard.detect.lineage import LineageParams, cgroups_to_evaluate, detect_lineage, worst_lineage
+from cgguard.config import LineageDetect
+from cgguard.detect.lineage import detect_lineage, worst_lineage
 from cgguard.state.lineage import LineageTree
-from cgguard.kernel.procconn import replay
+from cgguard.testkit.cnproc import replay
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_lineage import MS, S, Sim, _connector, _in, pump  # noqa: E402
+from lineage_sim import MS, S, Sim
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-P = LineageParams()
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+P = LineageDetect()
 
 
 class Watch:
@@ -46,7 +42,7 @@ class Watch:
         self.check()
 
     def check(self) -> None:
-        hot = cgroups_to_evaluate(self.sim.tree, P)
+        hot = self.sim.tree.take_activity()
         if self.strict or hot:
             self.evaluations += 1
             v = detect_lineage(self.sim.tree, "sim", self.sim.t, P)
@@ -103,7 +99,7 @@ def assert_bomb(w: Watch, origin_pid: int, origin_alive: bool, max_live: int = 1
     assert rules["lineage-replication"]["forkers"] >= P.min_forkers
     assert rules["lineage-growth"]["growth_per_s"] > 0
     # Every live member of the lineage was a live process of the bomb.
-    assert {pid for pid, _ in v.lineage} <= w.live_pids_at_verdict
+    assert {pid for pid, _ in v.members} <= w.live_pids_at_verdict
     assert v.first_sign_ns <= v.at_ns
     return v
 
@@ -116,7 +112,7 @@ def test_bash_function_bomb_origin_is_a_dead_placeholder():
     v = assert_bomb(w, b, origin_alive=False, max_live=64)
     assert v.origin.cmdline == "bash -c f(){ f|f & }; f" and v.origin.comm == "bash"
     assert v.origin_ref.identity == (b, v.origin.start_ns) and not v.origin_ref.alive
-    assert (b, v.origin.start_ns) not in v.lineage
+    assert (b, v.origin.start_ns) not in v.members
 
 
 def test_classic_colon_bomb_from_an_interactive_shell():
@@ -157,7 +153,7 @@ def test_python_fork_loop_bomb():
     py = sim.start("python3", "python3 -c while True: os.fork()")
     run_loop_bomb(sim, w, py, gap=60_000)
     v = assert_bomb(w, py, origin_alive=True, max_live=128)
-    assert (py, v.origin.start_ns) in v.lineage, "a live origin that keeps forking is part of the kill"
+    assert (py, v.origin.start_ns) in v.members, "a live origin that keeps forking is part of the kill"
 
 
 def test_c_fork_loop_bomb_stays_flagged_at_the_cap():
@@ -230,7 +226,7 @@ def test_recorded_bash_bomb_stream():
             def call(*a):
                 fn(*a)
                 Batcher.n += 1
-                if Batcher.n % 64 == 0 and not verdicts and cgroups_to_evaluate(tree, P):
+                if Batcher.n % 64 == 0 and not verdicts and tree.take_activity():
                     v = detect_lineage(tree, "rec", a[0], P)
                     if v is not None:
                         verdicts.append((v, tree.stats.live))
@@ -253,7 +249,8 @@ class _NoProc:
 
 
 def _recording_origin(path: str) -> int:
-    from cgguard.kernel.procconn import PROC_EVENT_EXEC, iter_events
+    from cgguard.kernel.procconn import PROC_EVENT_EXEC
+    from cgguard.testkit.cnproc import iter_events
 
     for ev in iter_events(path):
         if ev[0] == PROC_EVENT_EXEC:
@@ -276,8 +273,7 @@ def test_wide_flat_burst_of_300_sleepers():
         sim.exec(k, "sleep", "sleep 5")
         w.step(2)
     assert_spared(w)
-    assert cgroups_to_evaluate(sim.tree, P) == {}
-
+    
 
 def run_jobs(sim: Sim, w: Watch, n_jobs: int, concurrency: int, start_job, job_ns: int = 20 * MS) -> None:
     """A scheduler that keeps ``concurrency`` jobs running until ``n_jobs`` are done."""
@@ -456,17 +452,6 @@ def test_parallel_bash_script_with_nested_subshells():
 
 
 # -- API details -------------------------------------------------------------------------------
-def test_params_from_config_takes_shared_fields():
-    class C:
-        min_family = 12
-        min_forkers = 20
-        window_ms = 2500
-        min_bomb_family = 48  # not ours: ignored
-
-    p = LineageParams.from_config(C())
-    assert (p.min_family, p.min_forkers, p.window_s, p.min_generations) == (12, 20, 2.5, 5)
-
-
 def test_verdict_names_the_smallest_cgroup_holding_the_lineage():
     sim = Sim()
     w = Watch(sim)
@@ -483,7 +468,7 @@ def test_worst_lineage_is_the_seed_choice():
         compile_job(sim, make, i)
     v = worst_lineage(sim.tree, "sim", sim.t, P, badness=lambda pid: 1)
     assert v is not None and v.origin.pid == make and v.family == 16
-    assert len(v.lineage) == 17
+    assert len(v.members) == 17
     assert detect_lineage(sim.tree, "sim", sim.t, P) is None
 
 
@@ -492,108 +477,7 @@ def test_precheck_is_cheap_and_quiet_for_builds():
     make = sim.start("make", "make -j8")
     for i in range(50):
         compile_job(sim, make, i)
-    assert cgroups_to_evaluate(sim.tree, P) == {}
-    assert sim.tree.deep_forks_since("sim") is None
-
-
-# -- real bombs ----------------------------------------------------------------------------------
-SEED_BOMB = "D=$((EPOCHSECONDS+4)); f(){ (( EPOCHSECONDS < D )) && { f|f & }; }; f"
-
-
-def watch_real(conn, tree, cg, until_s: float, stop=lambda: False):
-    """Read events and evaluate like the agent until a verdict, ``stop()`` or the deadline."""
-    deadline = time.monotonic() + until_s
-    while time.monotonic() < deadline:
-        conn.wait(0.01)
-        conn.read(tree, 65536)
-        if tree.loss_pending:
-            tree.resync([cg])
-        if cgroups_to_evaluate(tree, P) or stop():
-            v = detect_lineage(tree, cg, time.monotonic_ns(), P)
-            if v is not None:
-                return v
-        if stop():
-            return None
-    return None
-
-
-@contextlib.contextmanager
-def realtime_reader():
-    """Run this thread at SCHED_RR 1, as the agent does (config ``realtime``): a reader at normal
-    priority shares two cores with the bomb and can lag behind the origin's short life.
-    SCHED_RESET_ON_FORK keeps the processes this thread starts (the bomb) at normal priority."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
-    except OSError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-
-
-def test_real_seed_bomb_is_flagged_with_its_bash_as_origin(sandbox):
-    sb = sandbox
-    conn = _connector()
-    try:
-        tree = LineageTree(in_scope=_in(sb))
-        cg = sb.cgroup("bomb")
-        with realtime_reader():
-            w = sb.spawn(["bash", "-c", SEED_BOMB], cg, deadline_s=5, cap=256)
-            t0 = time.monotonic()
-            v = watch_real(conn, tree, cg, 4.0)
-            took = time.monotonic() - t0
-            tasks = sb.v1_current(w) if sb.mode == "v1-pids" else sb.fs.task_count(cg).tasks
-            assert v is not None, f"bomb not flagged; tree {tree.stats_dict()}"
-            bash = w.proc.pid
-            assert v.origin.pid == bash and v.origin.cmdline == "bash -c " + SEED_BOMB
-            assert v.family >= P.min_family and len(v.lineage) >= P.min_family
-            print(f"flagged after {took * 1000:.0f} ms: {v.summary()} (tasks now {tasks})")
-            # The bash exits right after its first fork, but under the bomb its exit can come
-            # after the verdict; once it has, the origin is a dead placeholder -- and the bomb,
-            # pinned at pids.max, is still flagged.
-            assert pump(conn, tree, lambda: tree.get(bash) is None, timeout=2.0), "the bash never exited"
-            v2 = detect_lineage(tree, cg, time.monotonic_ns(), P)
-        sb.kill(w)
-        assert v2 is not None
-        assert v2.origin.pid == bash and not v2.origin.alive
-        assert v2.origin.cmdline == "bash -c " + SEED_BOMB
-        assert (bash, v2.origin.start_ns) not in v2.lineage
-    finally:
-        conn.close()
-
-
-@pytest.mark.parametrize(
-    "script",
-    [
-        "seq 300 | xargs -P 16 -n 1 true",
-        "for i in $(seq 300); do sleep 5 & done; wait",
-    ],
-    ids=["xargs-P16", "300-sleepers"],
-)
-def test_real_parallel_work_is_not_flagged(sandbox, script):
-    sb = sandbox
-    conn = _connector()
-    try:
-        tree = LineageTree(in_scope=_in(sb))
-        cg = sb.cgroup("work")
-        w = sb.spawn(["bash", "-c", script], cg, deadline_s=8, cap=512)
-        started = time.monotonic()
-
-        def settled() -> bool:
-            # xargs: finished; sleepers: all 300 started.
-            return w.proc.poll() is not None or (
-                time.monotonic() - started > 0.5 and sum(1 for r in tree.records_in(cg) if r.alive) >= 301
-            )
-
-        v = watch_real(conn, tree, cg, 6.0, stop=settled)
-        assert v is None, v.summary()
-        assert detect_lineage(tree, cg, time.monotonic_ns(), P) is None
-        assert tree.forks_by_cgroup.get(cg, 0) >= 300, tree.forks_by_cgroup
-        sb.kill(w)
-    finally:
-        conn.close()
+        assert sim.tree.deep_forks_since("sim") is None
 
 
 def test_wide_shallow_fork_loop_bush_is_flagged():

@@ -43,7 +43,7 @@ def test_plateau_is_not_flagged():
 def test_burst_of_sleepers_below_min_tasks_is_not_flagged():
     # One parent starting 300 sleeping children at ~4k forks/s.
     counts = [1 + min(300, 80 * i) for i in range(20)]
-    h = hist(counts)
+    hist(counts)
     for n in range(2, len(counts) + 1):
         hh = hist(counts[:n])
         assert d.growth("x", hh, hh.last.t_ns, GrowthParams()) is None

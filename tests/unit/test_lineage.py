@@ -1,194 +1,15 @@
-"""The record tree: unit tests on synthetic event streams, then real processes in a Sandbox.
-
-``Sim`` is a tiny process simulator: it keeps a fake /proc, a fake cgroup tree, a pid allocator
-and a clock, and feeds the matching proc-connector events straight into a LineageTree. The
-detector tests reuse it to build bomb and benign shapes.
-"""
+"""The record tree on synthetic event streams (tests/lineage_sim.py); real processes are in
+tests/integration/test_lineage_live.py."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 
 import pytest
 
-from cgguard.testkit.sandbox import Sandbox
-from cgguard.state.lineage import FORGOTTEN, FREED, LineageTree, nr_processes, read_vmstat
-from cgguard.kernel.procfs import ProcStat, read_stat
+from cgguard.agent.status import tree_json
+from cgguard.state.lineage import FORGOTTEN, FREED, nr_processes, read_vmstat
+from lineage_sim import MS, S, FakeProcess, Sim, consistent
 
-MS = 1_000_000
-S = 1_000_000_000
-
-
-# -- simulator -----------------------------------------------------------------------------
-@dataclass
-class FakeProcess:
-    pid: int
-    ppid: int
-    start_ns: int
-    comm: str
-    cmdline: str
-    cgroup: str
-    threads: int = 1
-
-
-class FakeProc:
-    """The ProcFS interface over the simulator's processes."""
-
-    def __init__(self, sim: "Sim"):
-        self.sim = sim
-        self.reads = 0
-
-    def stat(self, pid: int) -> ProcStat | None:
-        self.reads += 1
-        p = self.sim.procs.get(pid)
-        if p is None:
-            return None
-        # /proc has tick resolution.
-        return ProcStat(pid, p.comm, "S", p.ppid, p.start_ns - p.start_ns % (10 * MS), p.threads)
-
-    def cmdline(self, pid: int) -> str | None:
-        p = self.sim.procs.get(pid)
-        return None if p is None else p.cmdline
-
-
-class FakeFS:
-    """walk() and procs() of CgroupFS over the simulator's processes."""
-
-    def __init__(self, sim: "Sim"):
-        self.sim = sim
-
-    def walk(self, rel: str) -> list[str]:
-        cgs = {p.cgroup for p in self.sim.procs.values()} | {rel}
-        return sorted(c for c in cgs if c == rel or c.startswith(rel + "/"))
-
-    def procs(self, rel: str) -> list[int]:
-        return sorted(p.pid for p in self.sim.procs.values() if p.cgroup == rel)
-
-
-@dataclass
-class Sim:
-    scope: str = "sim"
-    t: int = 1000 * S
-    next_pid: int = 300
-    procs: dict[int, FakeProcess] = field(default_factory=dict)
-    vm: dict[str, int] = field(default_factory=lambda: {"pageoutrun": 0, "allocstall_normal": 0})
-    deliver: bool = True  # False simulates lost events
-    tree_kwargs: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.proc = FakeProc(self)
-        self.tree = LineageTree(
-            in_scope=lambda cg: cg == self.scope or cg.startswith(self.scope + "/"),
-            cgroup_of=self.cgroup_of,
-            proc=self.proc,
-            fs=FakeFS(self),
-            clock=lambda: self.t,
-            vmstat=lambda: dict(self.vm),
-            nr_processes=lambda: len(self.procs),
-            **self.tree_kwargs,
-        )
-        # A process outside every watched cgroup, like systemd or a terminal.
-        self.outside = self._new(1, "systemd", "/sbin/init", "init.scope")
-
-    def cgroup_of(self, pid: int) -> str | None:
-        p = self.procs.get(pid)
-        return None if p is None else p.cgroup
-
-    def _new(self, ppid: int, comm: str, cmdline: str, cgroup: str) -> int:
-        pid = self.next_pid
-        self.next_pid += 1
-        self.procs[pid] = FakeProcess(pid, ppid, self.t, comm, cmdline, cgroup)
-        return pid
-
-    def tick(self, ns: int) -> None:
-        self.t += ns
-
-    # -- events ----------------------------------------------------------------------------
-    def start(self, comm: str, cmdline: str, cgroup: str | None = None, parent: int | None = None) -> int:
-        """A process started from outside (e.g. by a runtime), moved into ``cgroup`` and exec'd:
-        the tree first hears of it at its exec."""
-        ppid = self.outside if parent is None else parent
-        pid = self._new(ppid, self.procs[ppid].comm, self.procs[ppid].cmdline, self.procs[ppid].cgroup)
-        if self.deliver:
-            self.tree.on_fork(self.t, ppid, ppid, pid, pid)
-        self.tick(MS)
-        self.procs[pid].cgroup = cgroup or self.scope
-        self.exec(pid, comm, cmdline)
-        return pid
-
-    def fork(self, ppid: int, dt: int = 100_000) -> int:
-        self.tick(dt)
-        p = self.procs[ppid]
-        pid = self._new(ppid, p.comm, p.cmdline, p.cgroup)
-        if self.deliver:
-            self.tree.on_fork(self.t, ppid, ppid, pid, pid)
-        return pid
-
-    def exec(self, pid: int, comm: str, cmdline: str, dt: int = 50_000) -> None:
-        self.tick(dt)
-        p = self.procs[pid]
-        p.comm, p.cmdline = comm, cmdline
-        if self.deliver:
-            self.tree.on_exec(self.t, pid, pid)
-
-    def spawn(self, ppid: int, comm: str, cmdline: str, dt: int = 100_000) -> int:
-        """fork + exec, like posix_spawn or a shell running a command."""
-        pid = self.fork(ppid, dt)
-        self.exec(pid, comm, cmdline)
-        return pid
-
-    def exit(self, pid: int, dt: int = 50_000) -> None:
-        self.tick(dt)
-        p = self.procs.pop(pid)
-        for c in self.procs.values():
-            if c.ppid == pid:
-                c.ppid = 1  # reparented to init, as the kernel does
-        if self.deliver:
-            self.tree.on_exit(self.t, pid, pid, 0, 17)
-
-    def thread(self, pid: int) -> int:
-        tid = self.next_pid
-        self.next_pid += 1
-        self.procs[pid].threads += 1
-        if self.deliver:
-            # CLONE_THREAD: the kernel names the process's parent as the parent.
-            ppid = self.procs[pid].ppid
-            self.tree.on_fork(self.t, ppid, ppid, tid, pid)
-        return tid
-
-    def thread_exit(self, pid: int, tid: int) -> None:
-        self.procs[pid].threads -= 1
-        if self.deliver:
-            self.tree.on_exit(self.t, tid, pid, 0, -1)
-
-    def live_in_scope(self) -> int:
-        return sum(1 for p in self.procs.values() if p.cgroup == self.scope or p.cgroup.startswith(self.scope + "/"))
-
-
-def consistent(tree: LineageTree) -> None:
-    """Structural invariants: links agree, every non-live record has children, counts add up."""
-    seen = 0
-    for cg, recs in tree._members.items():
-        for r in recs:
-            seen += 1
-            assert r.cgroup == cg
-            assert not r.flags & FREED, "freed record still indexed"
-            if not r.alive:
-                assert r.first_child is not None, f"childless placeholder {r}"
-            if r.alive:
-                assert tree.get(r.tgid) is r
-            kids = list(r.children())
-            for c in kids:
-                assert c.parent is r
-            if r.parent is not None:
-                assert r in list(r.parent.children())
-    assert seen == tree.stats.records
-
-
-# -- identity, fork, exec, exit ------------------------------------------------------------
 def test_fork_of_known_parent_inherits_and_links():
     sim = Sim()
     sh = sim.start("bash", "bash -l")
@@ -503,7 +324,7 @@ def test_resync_after_loss_restores_consistency():
     sim.deliver = True
     sim.tree.resync()
     t = sim.tree
-    assert not t.loss_pending and t.stats.resyncs == 1 and t.stats.incomplete == ("sim",)
+    assert not t.loss_pending and t.stats.incomplete == ("sim",)
     live_fake = {(p.pid) for p in sim.procs.values() if p.cgroup == "sim"}
     live_tree = {r.tgid for r in t.records_in("sim") if r.alive}
     assert live_tree == live_fake
@@ -524,7 +345,7 @@ def test_queries_and_json():
     t = sim.tree
     rsh = t.get(sh)
     assert set(t.live_members(rsh)) == {t.get(x).identity for x in (sh, b, c)}
-    doc = t.to_json("sim", badness=lambda pid: 7)
+    doc = tree_json(t, "sim", badness=lambda pid: 7)
     (root,) = doc["forest"]
     assert root["pid"] == sh and root["family"] == 2 and root["depth"] == 0
     # seed score: own 7 + children's scores + 1 per live child
@@ -535,97 +356,3 @@ def test_queries_and_json():
     st = t.stats_dict()
     assert st["records"] == 4 and st["live"] == 3 and st["placeholders"] == 1
     assert t.take_activity() == {"sim"} and t.take_activity() == set()
-
-
-# -- real processes ------------------------------------------------------------------------
-def _connector(**kw):
-    from cgguard.kernel.procconn import ProcConnector, ProcConnectorUnavailable
-
-    try:
-        return ProcConnector(**kw)
-    except ProcConnectorUnavailable as e:
-        print(f"SKIP reason: proc connector unavailable: {e}", file=sys.stderr)
-        pytest.skip(f"proc connector unavailable: {e}")
-
-
-def _in(sb: Sandbox):
-    return lambda cg: cg is not None and (cg == sb.name or cg.startswith(sb.name + "/"))
-
-
-def pump(conn, tree, until, timeout=5.0, batch=65536):
-    """Feed events into ``tree`` until ``until()`` holds; ``batch=1`` checks after every event,
-    for states that the next events undo."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        conn.wait(0.02)
-        while conn.read(tree, batch):
-            if until():
-                return True
-        if until():
-            return True
-    return False
-
-
-def test_real_threads_and_exec_are_accounted(sandbox):
-    sb = sandbox
-    conn = _connector()
-    try:
-        tree = LineageTree(in_scope=_in(sb))
-        cg = sb.cgroup("threads")
-        # Five threads for a while, then they end and the process execs: threads 6, then one
-        # thread and a new comm.
-        code = (
-            "import threading, time, os\n"
-            "ts = [threading.Thread(target=time.sleep, args=(0.6,)) for _ in range(5)]\n"
-            "[t.start() for t in ts]; [t.join() for t in ts]\n"
-            "os.execvp('sleep', ['sleep', '30'])\n"
-        )
-        w = sb.spawn([sys.executable, "-c", code], cg, deadline_s=10, cap=64)
-        pid = w.proc.pid
-        assert pump(conn, tree, lambda: tree.get(pid) is not None and tree.get(pid).threads == 6, batch=1), (
-            f"threads: {tree.get(pid) and tree.get(pid).threads}"
-        )
-        assert tree.get(pid).comm.startswith("python")
-        assert pump(conn, tree, lambda: tree.get(pid).comm == "sleep"), f"exec not seen: {tree.get(pid)!r}"
-        r = tree.get(pid)
-        assert r.cmdline == "sleep 30" and r.threads == 1 and r.exec_ns is not None
-        sb.kill(w)
-    finally:
-        conn.close()
-
-
-def test_real_loss_is_reported_and_resync_matches_proc(sandbox):
-    sb = sandbox
-    conn = _connector(rcvbuf=4096)
-    try:
-        tree = LineageTree(in_scope=_in(sb))
-        cg = sb.cgroup("burst")
-        # 200 children that stay, plus churn: far more events than a 4 KiB queue holds.
-        w = sb.spawn(
-            "for i in $(seq 200); do sleep 30 & done; for i in $(seq 300); do /bin/true; done; echo done; wait",
-            cg,
-            deadline_s=10,
-            cap=512,
-            stdout=subprocess.PIPE,
-        )
-        assert w.proc.stdout.readline().strip() == b"done"
-        conn.read(tree, 1 << 20)
-        st = conn.stats
-        assert st.lost_enobufs >= 1, st
-        assert tree.loss_pending and tree.stats.losses >= 1
-        tree.resync([cg])
-        assert tree.stats.resyncs == 1 and cg in tree.stats.incomplete
-        consistent(tree)
-        procs = set(sb.fs.procs(cg))
-        live = {r.tgid for r in tree.records_in(cg) if r.alive}
-        assert live == procs
-        for r in tree.records_in(cg):
-            if r.alive:
-                st = read_stat(r.tgid)
-                assert st is not None and abs(st.start_ns - r.start_ns) <= 30 * MS
-        sb.kill(w)
-    finally:
-        conn.close()
-
-
-# -- cost ----------------------------------------------------------------------------------

@@ -1,10 +1,8 @@
-import os
-import subprocess
 import time
 
 import pytest
 
-from cgguard.kernel.cgroupfs import CgroupGone, parse_cgroup2_mounts, parse_flat_keyed, parse_max
+from cgguard.kernel.cgroupfs import CgroupGone, parse_cgroup2_mounts
 
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -16,29 +14,6 @@ CONTAINER = (
     "1 0 0:26 /kubepods/pod1 /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n"
     "2 0 0:26 / /host\\040cgroup rw - cgroup2 cgroup2 rw\n"
 )
-
-
-def test_parse_mountinfo_shapes():
-    assert parse_cgroup2_mounts(HYBRID) == ["/sys/fs/cgroup/unified"]
-    assert parse_cgroup2_mounts(PURE) == ["/sys/fs/cgroup"]
-    # a bind mount of a sub-cgroup is not the whole tree; the escaped real root is preferred
-    assert parse_cgroup2_mounts(CONTAINER) == ["/host cgroup"]
-    assert parse_cgroup2_mounts("1 0 0:1 / / rw - ext4 /dev/vda rw\n") == []
-
-
-def test_parse_files():
-    assert parse_flat_keyed("populated 1\nfrozen 0\n") == {"populated": 1, "frozen": 0}
-    assert parse_max("max\n") is None and parse_max("512\n") == 512
-
-
-def test_no_cgroup2_is_one_line_exit_2(tmp_path):
-    from conftest import run_cli
-
-    fake = tmp_path / "mi"
-    fake.write_text("1 0 0:1 / / rw - ext4 /dev/vda rw\n")
-    # the real binary, pointed at a root that is not cgroup2
-    r = run_cli("run", "--watch", "x/**", "--cgroup-root", str(tmp_path), "--listen", "", "--no-lineage")
-    assert r.returncode == 2 and "not a cgroup2 mount" in r.stderr
 
 
 def test_this_host_root_found_from_mountinfo(cgfs):
@@ -98,7 +73,7 @@ def test_adopt_cgroupns_root_inside_a_private_cgroup_namespace(cgfs, sandbox):
     while not cgfs.procs(other) and time.monotonic() < deadline:
         time.sleep(0.02)
     code = (
-        "import sys; from cgguard.kernel.cgroupfs import *; fs = CgroupFS(sys.argv[1]); "
+        "import sys; from cgguard.kernel.cgroupfs import CgroupFS; from cgguard.kernel.cgroupns import adopt_cgroupns_root, own_cgroup; fs = CgroupFS(sys.argv[1]); "
         "print(adopt_cgroupns_root(fs)); print(own_cgroup()); print(own_cgroup(int(sys.argv[2])))"
     )
     w = sandbox.spawn(["unshare", "--cgroup", "--", sys.executable, "-c", code, cgfs.root, str(sib.proc.pid)],

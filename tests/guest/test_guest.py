@@ -1,6 +1,6 @@
 """Boot the pure cgroup-v2 test guest once per session and report its tests as host tests.
 
-``test_in_guest[<file>::<test>]`` stands for one test of tests/guest_tests (the host collects
+``test_in_guest[<file>::<test>]`` stands for one test of tests/guest/inside (the host collects
 them to parametrize), and passes, fails or skips as that test did in the guest. ``test_guest_run``
 judges the run as a whole: a hang, a kernel panic, a guest without a result, a pytest that did
 not finish or guest tests the host did not know (collection errors) fail it with the console tail.
@@ -33,7 +33,7 @@ from tests.guest.vm import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-GUEST_TESTS = "tests/guest_tests"
+GUEST_TESTS = "tests/guest/inside"
 
 # The first test to need the guest pays for installing qemu and fetching the kernel on a fresh
 # machine, then for the guest run (run_in_guest kills qemu at DEFAULT_TIMEOUT, well before this).
@@ -183,6 +183,6 @@ def test_junit_key_matches_pytest():
     """junit_key mirrors pytest's private mangle_test_address; catch a drift on upgrades."""
     from _pytest.junitxml import mangle_test_address
 
-    for nodeid in ("tests/guest_tests/test_a.py::test_b", "tests/guest_tests/test_a.py::TestC::test_d[x::y/z]"):
+    for nodeid in ("tests/guest/inside/test_a.py::test_b", "tests/guest/inside/test_a.py::TestC::test_d[x::y/z]"):
         names = mangle_test_address(nodeid)
         assert junit_key(nodeid) == (".".join(names[:-1]), names[-1])

@@ -17,8 +17,8 @@ def agent(tmp_path, sandbox):
     try:
         a.wait_ready()
         st = a.control({"cmd": "status"})["status"]
-        if not str(st["procconn"].get("mode", "")).startswith(("event-filter", "legacy")):
-            pytest.skip(f"proc connector unavailable here: {st['procconn']}")
+        if not str(st["connector"].get("mode", "")).startswith(("event-filter", "legacy")):
+            pytest.skip(f"proc connector unavailable here: {st['connector']}")
         yield a
     finally:
         assert a.stop() == 0, a.output()
@@ -61,12 +61,12 @@ def test_tree_and_runtime_knobs(sandbox, agent):
     r = run_cli("ctl", "--control-socket", agent.sock, "reset-interval", "5000")
     assert r.returncode == 0, r.stderr
     st = agent.control({"cmd": "status"})["status"]
-    assert st["lineage"]["reset_interval_ms"] == 5000
+    assert st["tracking"]["reset_interval_ms"] == 5000
     r = run_cli("ctl", "--control-socket", agent.sock, "tracking", "disable")
     assert r.returncode == 0 and "disabled" in r.stdout
-    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is False
+    assert agent.control({"cmd": "status"})["status"]["tracking"]["enabled"] is False
     r = run_cli("ctl", "--control-socket", agent.sock, "tracking", "enable")
-    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+    assert agent.control({"cmd": "status"})["status"]["tracking"]["enabled"] is True
     r = run_cli("ctl", "--control-socket", agent.sock, "reset-interval", "5")
     assert r.returncode == 2 and "between 100" in r.stderr
 
@@ -102,7 +102,7 @@ def test_control_socket_is_root_only(tmp_path, sandbox, agent):
         shutil.rmtree(public)
     assert r.returncode == 0, r.stderr
     assert "only root" in r.stdout
-    assert agent.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+    assert agent.control({"cmd": "status"})["status"]["tracking"]["enabled"] is True
 
 
 def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path, sandbox):
@@ -113,16 +113,17 @@ def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path
     from cgguard import config
     from cgguard.agent import Agent
     from cgguard.detect import Reason, Verdict
+    from cgguard.testkit.sinks import CallbackSink
 
     cg = sandbox.cgroup("shared")
     innocent = sandbox.spawn(["sleep", "60"], cg, deadline_s=60)
     cfg = config.build({"watch": [f"{sandbox.name}/*"], "state_dir": str(tmp_path / "st"), "listen": "",
                         "control_socket": "", "realtime": False})
     got = []
-    agent = Agent(cfg, sandbox.fs, on_incident=got.append)
+    agent = Agent(cfg, sandbox.fs, sinks=[CallbackSink(got.append)])
     agent.setup()
-    if agent.lineage is None:
-        pytest.skip(f"proc connector unavailable: {agent.lineage_note}")
+    if agent.tracking is None:
+        pytest.skip(f"proc connector unavailable: {agent.tracking_note}")
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
@@ -168,16 +169,17 @@ def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path
 
 def test_tracking_off_in_config_can_be_enabled_at_run_time(tmp_path, sandbox):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("lineage: {tracking: false, reset_interval_ms: 7000}\n")
+    cfg.write_text("tracking: {enabled: false, reset_interval_ms: 7000}\n")
     a = AgentProc(str(tmp_path / "agent"), [f"{sandbox.name}/**"], "--config", str(cfg))
     try:
         a.wait_ready()
-        lin = a.control({"cmd": "status"})["status"]["lineage"]
-        if "records" not in lin:
-            pytest.skip(f"proc connector unavailable here: {lin}")
-        assert lin["tracking"] is False and lin["reset_interval_ms"] == 7000
+        st = a.control({"cmd": "status"})["status"]
+        if not str(st["connector"]["mode"]).startswith(("event-filter", "legacy")):
+            pytest.skip(f"proc connector unavailable here: {st['connector']}")
+        lin = st["tracking"]
+        assert lin["enabled"] is False and lin["reset_interval_ms"] == 7000
         r = run_cli("ctl", "--control-socket", a.sock, "tracking", "enable")
         assert r.returncode == 0, r.stderr
-        assert a.control({"cmd": "status"})["status"]["lineage"]["tracking"] is True
+        assert a.control({"cmd": "status"})["status"]["tracking"]["enabled"] is True
     finally:
         assert a.stop() == 0, a.output()

@@ -4,7 +4,6 @@ survivors and an incident each; every benign workload runs to completion untouch
 Bombs are bounded (deadline) and contained (kernel task cap) by cgguard.testkit.sandbox.Sandbox.
 """
 
-import os
 import tempfile
 import time
 

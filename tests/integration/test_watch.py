@@ -104,14 +104,14 @@ def test_agent_forgets_state_of_vanished_cgroups(cgfs, sandbox, tmp_path):
 
     cfg = config.build({"watch": [f"{sandbox.name}/*"], "state_dir": str(tmp_path), "listen": "",
                         "control_socket": "", "realtime": False})
-    agent = Agent(cfg, cgfs, lineage=False)
+    agent = Agent(cfg, cgfs, use_connector=False)
     agent.setup()
     try:
         cg = sandbox.cgroup("short")
         assert pump(agent.watcher, lambda: cg in agent.watcher.nodes) is not None
         agent._cooldown[cg] = 1
         agent._lineage_eval_at[cg] = 1
-        agent._workload(cg)
+        agent.workload(cg)
         os.rmdir(cgfs.abspath(cg))
         assert pump(agent.watcher, lambda: cg not in agent.watcher.nodes) is not None
         assert cg not in agent._cooldown and cg not in agent._lineage_eval_at and cg not in agent._workloads

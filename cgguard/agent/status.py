@@ -1,0 +1,127 @@
+"""Views of the agent's state for operators: the typed status and the ``cgguard tree`` forest.
+
+Built on the loop's thread (which owns the state) when someone asks: a scrape, ``cgguard
+status`` or ``cgguard tree``. Nothing here runs on the detection path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import psutil
+
+from cgguard.kernel.clock import MS
+from cgguard.state.lineage import (
+    FORGOTTEN,
+    LineageTree,
+    Record,
+    oom_badness,
+    postorder,
+    seed_scores,
+)
+from cgguard.state.status import (
+    CgroupStatus,
+    ConnectorStatus,
+    IncidentsStatus,
+    Status,
+    TrackingStatus,
+)
+from cgguard.state.watch import Node
+
+if TYPE_CHECKING:
+    from .core import Agent
+
+
+
+def cgroup_state(n: Node, now_ns: int) -> str:
+    if n.busy:
+        return "acting"
+    if n.protected:
+        return "protected"
+    return "active" if n.active_until_ns > now_ns else "calm"
+
+
+def cgroup_status(n: Node, now_ns: int, workload: dict[str, Any] | None) -> CgroupStatus:
+    last = n.history.last if n.history else None
+    return CgroupStatus(
+        path=n.rel,
+        tasks=last.tasks if last else n.last_tasks,
+        source=n.source,
+        pids_max=last.pids_max if last else None,
+        forks_refused=last.forks_refused if last else None,
+        state=cgroup_state(n, now_ns),
+        interval_ms=n.interval_ns // MS,
+        populated=n.populated,
+        workload=workload,
+    )
+
+
+def build_status(agent: "Agent", *, workloads: bool = True, proc: psutil.Process | None = None) -> Status:
+    now = agent.clock()
+    nodes = sorted(agent.watcher.watched(), key=lambda n: n.rel)
+    cgroups = [cgroup_status(n, now, agent.workload(n.rel) if workloads else None) for n in nodes]
+    by_state: dict[str, int] = {}
+    for c in cgroups:
+        by_state[c.state] = by_state.get(c.state, 0) + 1
+    cpu = rss = None
+    try:
+        p = proc or psutil.Process()
+        with p.oneshot():
+            t = p.cpu_times()
+            cpu, rss = t.user + t.system, p.memory_info().rss
+    except psutil.Error:
+        pass
+    tr = agent.tracking
+    return Status(
+        ready=agent.ready,
+        dry_run=agent.cfg.dry_run,
+        cgroup_root=agent.fs.root,
+        own_cgroup=agent.own_cgroup,
+        watch=list(agent.cfg.watch),
+        protect=list(agent.cfg.protect),
+        cgroups=cgroups,
+        watched=len(cgroups),
+        by_state=by_state,
+        connector=tr.connector_status() if tr else ConnectorStatus(mode=agent.tracking_note),
+        tracking=tr.status() if tr else TrackingStatus(),
+        incidents=IncidentsStatus(
+            since_start=agent.incidents_since_start, recorded=agent.incidents_recorded, log=agent.log.path
+        ),
+        cpu_seconds=cpu,
+        rss_bytes=rss,
+        pid=agent.pid,
+        samples_taken=agent.watcher.samples_taken,
+        notes=list(agent.notes),
+    )
+
+
+def tree_json(tree: LineageTree, cgroup: str, badness: Callable[[int], int] | None = oom_badness) -> dict[str, Any]:
+    """The cgroup's lineage forest for ``cgguard tree``: every node with the seed's score (own OOM
+    badness + children's scores + 1 per live child), read from /proc as the seed's killer did."""
+    members, roots = tree.forest(cgroup)
+    scores = seed_scores(roots, members, badness)
+    nodes: dict[Record, dict[str, Any]] = {}
+    for rec in postorder(roots, members):
+        comm, cmdline = tree.describe(rec)
+        score, family = scores[rec]
+        kids = [nodes.pop(c) for c in rec.children() if c in nodes]
+        kids.sort(key=lambda n: n["start_ns"])
+        nodes[rec] = {
+            "pid": rec.tgid,
+            "start_ns": rec.start_ns,
+            "comm": comm,
+            "cmdline": cmdline,
+            "alive": rec.alive,
+            "placeholder": not rec.alive,
+            "forgotten": bool(rec.flags & FORGOTTEN),
+            "threads": rec.threads if rec.alive else 0,
+            "family": family,
+            "depth": rec.depth,
+            "score": score,
+            "children": kids,
+        }
+    return {
+        "cgroup": cgroup,
+        "incomplete": tree.is_incomplete(cgroup),
+        "forest": [nodes[r] for r in roots if r in nodes],
+    }
