@@ -63,10 +63,18 @@ OTHER = "_other"
 # before it). Dry runs, protected cgroups and an exhausted kill budget are action "report".
 # Pairs outside this table are still counted; they just start at their first event.
 OUTCOMES: dict[str, tuple[str, ...]] = {
-    "kill-cgroup": ("removed", "gone", "timeout", "failed"),
-    "kill-lineage": ("removed", "gone", "timeout", "failed", "not-found"),
-    "freeze": ("frozen", "gone", "timeout", "failed"),
-    "report": ("reported", "refused"),
+    "kill-cgroup": ("removed", "gone", "timeout", "failed", "interrupted"),
+    "kill-lineage": ("removed", "gone", "timeout", "failed", "not-found", "interrupted"),
+    "freeze": ("frozen", "gone", "timeout", "failed", "interrupted"),
+    "report": ("reported", "refused", "allowed"),
+}
+# Why a runaway was not removed: cgguard_incidents_not_removed_total{reason}.
+NOT_REMOVED_REASONS: tuple[str, ...] = ("dry-run", "protected", "budget", "allowed", "report-only", "failed")
+# The incident sinks besides the log, and what each counts (cgguard.sinks.build_sinks).
+SINK_RESULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "journal": ("cgguard_journal_entries_total", ("sent", "failed")),
+    "hooks": ("cgguard_hook_runs_total", ("ok", "failed", "timeout", "dropped")),
+    "webhook": ("cgguard_webhook_deliveries_total", ("delivered", "failed", "dropped")),
 }
 ACTIONS: tuple[str, ...] = tuple(OUTCOMES)
 RESULTS: tuple[str, ...] = tuple(dict.fromkeys(r for rs in OUTCOMES.values() for r in rs))
@@ -97,6 +105,8 @@ METRICS: tuple[MetricSpec, ...] = (
                f"Tasks (threads) per watched cgroup: the largest (top {TOP_CGROUPS} by default), the rest summed into cgroup=\"{OTHER}\".", "status"),
     MetricSpec("cgguard_cgroup_pids_max", "gauge", _CGROUP_LABELS, "pids.max of the cgroups exported in cgguard_cgroup_tasks, where set.", "status"),
     MetricSpec("cgguard_incidents_total", "counter", ("action", "result"), "Bombs acted on (or reported) since the agent started.", "event"),
+    MetricSpec("cgguard_incidents_not_removed_total", "counter", ("reason",),
+               "Runaways found and left running (reported or frozen instead), by why: dry-run, protected, budget, allowed, report-only, failed.", "status"),
     MetricSpec("cgguard_incidents_by_kind_total", "counter", ("workload_kind",), "Incidents per kind of workload owning the cgroup.", "event"),
     MetricSpec("cgguard_last_incident_timestamp_seconds", "gauge", (), "Unix time of the last incident (0: none since start).", "event"),
     MetricSpec("cgguard_incidents_recorded", "gauge", (), "Incidents in the state directory's record, including earlier runs.", "status"),
@@ -107,6 +117,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("cgguard_procconn_overflows_total", "counter", (), "Receive-queue overflows (ENOBUFS): the kernel dropped an unknown number of events.", "status"),
     MetricSpec("cgguard_procconn_events_lost_total", "counter", (), "Events known to be lost from per-CPU sequence gaps (without the event filter only; a lower bound).", "status"),
     MetricSpec("cgguard_procconn_rescans_total", "counter", (), "Re-reads of the watched cgroups from /proc after events were lost.", "status"),
+    MetricSpec("cgguard_inotify_overflows_total", "counter", (), "inotify queue overflows; each one makes the agent rescan the watched tree.", "status"),
+    MetricSpec("cgguard_journal_entries_total", "counter", ("result",), "Incidents written to the systemd journal: sent, failed.", "status"),
+    MetricSpec("cgguard_hook_runs_total", "counter", ("result",), "Incident hook commands run: ok, failed (non-zero exit), timeout (killed), dropped (queue full).", "status"),
+    MetricSpec("cgguard_webhook_deliveries_total", "counter", ("result",), "Incident webhook deliveries: delivered, failed (after retries), dropped (queue full).", "status"),
     MetricSpec("cgguard_lineage_tracking", "gauge", (), "1 while lineage tracking is enabled.", "status"),
     MetricSpec("cgguard_lineage_reset_interval_seconds", "gauge", (), "Aging interval (the seed's reset_interval).", "status"),
     MetricSpec("cgguard_lineage_records", "gauge", (), "Lineage records held, live and placeholders.", "status"),
@@ -210,6 +224,19 @@ class _StatusCollector(Collector):
         yield from _counter("cgguard_procconn_overflows_total", float(pc.overflows))
         yield from _counter("cgguard_procconn_events_lost_total", float(pc.lost_estimate))
         yield from _counter("cgguard_procconn_rescans_total", float(pc.rescans))
+        yield from _counter("cgguard_inotify_overflows_total", float(st.inotify_overflows))
+        nr = CounterMetricFamily(_base("cgguard_incidents_not_removed_total"), _HELP["cgguard_incidents_not_removed_total"], labels=["reason"])
+        for reason in sorted(set(NOT_REMOVED_REASONS) | set(st.incidents.not_removed)):
+            nr.add_metric([reason], float(st.incidents.not_removed.get(reason, 0)))
+        yield nr
+        for sink, (name, results) in SINK_RESULTS.items():
+            counts = st.sinks.get(sink)
+            if counts is None:
+                continue  # not configured: no series
+            fam = CounterMetricFamily(_base(name), _HELP[name], labels=["result"])
+            for r in results:
+                fam.add_metric([r], float(counts.get(r, 0)))
+            yield fam
         tr = st.tracking
         yield from _gauge("cgguard_lineage_tracking", 1.0 if tr.enabled else 0.0)
         yield from _gauge("cgguard_lineage_reset_interval_seconds", tr.reset_interval_ms / 1000.0)

@@ -75,6 +75,7 @@ class IncidentsStatus:
     since_start: int = 0
     recorded: int = 0  # in the log, earlier runs included
     log: str = ""
+    not_removed: dict[str, int] = field(default_factory=dict)  # runaways left running, by reason
 
 
 @dataclass(slots=True)
@@ -95,6 +96,8 @@ class Status:
     rss_bytes: int | None = None
     pid: int = 0
     samples_taken: int = 0
+    inotify_overflows: int = 0
+    sinks: dict[str, dict[str, int]] = field(default_factory=dict)  # counters of each incident sink
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

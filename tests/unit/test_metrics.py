@@ -50,7 +50,9 @@ def full_status(n_cgroups: int = 3) -> Status:
         connector=ConnectorStatus(mode="event-filter", received=123456, lost_estimate=7, overflows=1, rescans=2),
         tracking=TrackingStatus(enabled=True, reset_interval_ms=30000, records=321, live=300, placeholders=21,
                                 aging_runs=4, forgotten_total=1000),
-        incidents=IncidentsStatus(since_start=2, recorded=5),
+        incidents=IncidentsStatus(since_start=2, recorded=5, not_removed={"budget": 1}),
+        inotify_overflows=3,
+        sinks={"journal": {"sent": 4}, "hooks": {"ok": 2, "timeout": 1}, "webhook": {"delivered": 2}},
     )
 
 
@@ -139,6 +141,12 @@ def test_scrape_values(agent: Agent) -> None:
     assert value(s, "cgguard_procconn_events_lost_total") == 7
     assert value(s, "cgguard_procconn_overflows_total") == 1
     assert value(s, "cgguard_procconn_rescans_total") == 2
+    assert value(s, "cgguard_inotify_overflows_total") == 3
+    assert value(s, "cgguard_incidents_not_removed_total", reason="budget") == 1
+    assert value(s, "cgguard_incidents_not_removed_total", reason="dry-run") == 0  # every reason, from 0
+    assert value(s, "cgguard_hook_runs_total", result="timeout") == 1
+    assert value(s, "cgguard_hook_runs_total", result="dropped") == 0
+    assert value(s, "cgguard_journal_entries_total", result="sent") == 4
     assert value(s, "cgguard_procconn_info", mode="event-filter") == 1
     assert value(s, "cgguard_lineage_tracking") == 1
     assert value(s, "cgguard_lineage_reset_interval_seconds") == 30
