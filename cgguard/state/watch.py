@@ -2,13 +2,20 @@
 
 * Directories that a watch glob may match at or below get an inotify watch for new and removed
   child cgroups, so cgroups that appear or vanish are seen at once, without rescanning the tree.
-* Every watched cgroup gets an inotify watch on ``cgroup.events`` (populated/frozen changes) and
-  on ``pids.events`` where it exists (forks refused at ``pids.max``).
+  When the inotify queue overflows (a burst of cgroup creation), events are lost: the watcher
+  rescans the tree, so no new cgroup stays unwatched.
+* Every watched cgroup gets an inotify watch on ``cgroup.events`` (populated/frozen changes), and
+  the ``pids.events`` of its own cgroup and of every v2 cgroup whose limit it counts against
+  (forks refused at ``pids.max``, which is how a runaway pinned at a pod's limit announces itself).
 * Task counts cannot be watched (``pids.current`` raises no event), so they are sampled: fast
-  (``fast_interval_ms``) while a cgroup grows or has fork activity, slow when calm. Files stay
-  open and are re-read with ``pread`` so a calm node with 1,000 watched cgroups costs next to
-  nothing. Without ``pids.current`` (hybrid hosts) the count is the number of TIDs in
-  ``cgroup.threads`` across the subtree; descendants of watched cgroups are tracked for that.
+  (``fast_interval_ms``) while a cgroup grows, has fork activity or holds more than half its
+  budget, slow when calm, and more rarely still when the proc connector would wake it on a fork.
+  Without ``pids.current`` (hybrid hosts) the count is the number of TIDs in ``cgroup.threads``
+  across the subtree; descendants of watched cgroups are tracked for that.
+
+Files are read through a bounded :class:`~cgguard.kernel.files.FileCache`, and a failure to add
+an inotify watch (``max_user_watches``) degrades the watcher to periodic rescans: resource
+exhaustion slows the agent down, it never stops it.
 """
 
 from __future__ import annotations
@@ -17,53 +24,30 @@ import errno
 import heapq
 import logging
 import os
-import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from inotify_simple import INotify, flags
 
 from cgguard.config import Sampling, glob_match, glob_may_match_below
-from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed, parse_max
-from cgguard.kernel.clock import MS
+from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed
+from cgguard.kernel.clock import MS, S, now_ns
+from cgguard.kernel.files import FileCache
+from cgguard.state.budget import Budget, Budgets, LimitGroup
 from cgguard.state.samples import History, Sample
 
-log = logging.getLogger("cgguard.state.watch")
+log = logging.getLogger("cgguard.watch")
 
 CALM_GRID_NS = 250 * MS
+# Above this share of its budget a cgroup is sampled fast whatever else it does: that is where
+# the trajectory and pinned detectors decide, and where a stall would cost the most.
+PRESSURE_FAST = 0.5
+# With watches missing (max_user_watches reached), look for new cgroups this often.
+DEGRADED_RESCAN_NS = 2 * S
+V1_RETRY_NS = 200 * MS
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
-
-
-def _pread_all(fd: int) -> bytes:
-    chunks, off = [], 0
-    while True:
-        b = os.pread(fd, 65536, off)
-        chunks.append(b)
-        if len(b) < 65536:
-            return b"".join(chunks)
-        off += len(b)
-
-
-class _File:
-    """A cgroupfs file kept open and re-read from offset 0 (cheaper than open/read/close)."""
-
-    __slots__ = ("path", "fd")
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def read(self) -> bytes:
-        return _pread_all(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = -1
 
 
 @dataclass(eq=False)
@@ -78,9 +62,8 @@ class Node:
     dir_wd: int | None = None
     events_wd: int | None = None
     pids_events_wd: int | None = None
-    f_current: _File | None = None  # pids.current, or cgroup.threads as the fallback
-    f_max: _File | None = None
-    f_events: _File | None = None  # pids.events
+    source: str = ""  # pids.current, or cgroup.threads (counted across the subtree)
+    counted: bool = False  # its cgroup.threads counts toward a watched ancestor
     history: History | None = None
     interval_ns: int = 0
     due_ns: int = 0
@@ -88,12 +71,9 @@ class Node:
     populated: bool = True
     frozen: bool = False
     last_tasks: int = 0
-    source: str = ""
+    last_usage: float = 0.0
     busy: bool = False  # an action is running on it
-
-    @property
-    def counts_locally(self) -> bool:
-        return self.f_current is not None and self.source == "cgroup.threads"
+    budget: Budget | None = None
 
     def descendants(self) -> Iterable["Node"]:
         stack = list(self.children.values())
@@ -110,23 +90,32 @@ class Watcher:
         watch: list[str],
         protect: list[str],
         sampling: Sampling,
-        clock: Callable[[], int] = time.monotonic_ns,
+        budgets: Budgets,
+        files: FileCache,
+        clock: Callable[[], int] = now_ns,
         exclude: Callable[[str], bool] | None = None,
-        on_removed: Callable[["Node"], None] | None = None,
+        on_removed: Callable[[Node], None] | None = None,
     ):
         self.fs = fs
         self.watch = list(watch)
         self.protect = list(protect)
         self.sampling = sampling
+        self.budgets = budgets
+        self.files = files
         self.clock = clock
         self.exclude = exclude or (lambda rel: False)
+        self.on_removed: Callable[[Node], None] = on_removed or (lambda n: None)
         self.inotify = INotify()
         self.nodes: dict[str, Node] = {}
-        self._wd: dict[int, tuple[Node, str]] = {}
+        self._wd: dict[int, tuple[Node | None, str]] = {}
         self._heap: list[tuple[int, int, Node]] = []
         self._seq = 0
-        self.on_removed: Callable[[Node], None] = on_removed or (lambda n: None)
+        self._group_wd: dict[str, int] = {}  # v2 limit group directory -> wd of its pids.events
+        self._group_nodes: dict[str, set[str]] = {}  # v2 limit group directory -> watched nodes
         self.samples_taken = 0
+        self.overflows = 0
+        self.missing_watches = 0  # inotify watches the kernel refused (ENOSPC)
+        self._next_degraded_rescan = 0
         self.ready = False
         # Set by the agent when fork events (proc connector) wake cgroups: only then may calm
         # cgroups back off beyond slow_interval_ms.
@@ -137,7 +126,14 @@ class Watcher:
         return any(glob_match(g, rel) for g in self.watch) and not self.exclude(rel)
 
     def is_protected(self, rel: str) -> bool:
-        return any(glob_match(g, rel) for g in self.protect)
+        """Protection covers the cgroup and everything below it: protecting a service protects
+        the cgroups it makes for its workers."""
+        cur = rel
+        while cur:
+            if any(glob_match(g, cur) for g in self.protect):
+                return True
+            cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
+        return False
 
     def _may_match_below(self, rel: str) -> bool:
         return any(glob_may_match_below(g, rel) for g in self.watch)
@@ -145,9 +141,14 @@ class Watcher:
     def _needs_node(self, rel: str, parent: Node | None) -> bool:
         # Under a watched cgroup every descendant is tracked: its tasks count toward the
         # watched cgroup, and it may hold the bomb (the smallest cgroup is acted on).
-        if parent is not None and (parent.watched or parent.counts_locally):
+        if parent is not None and (parent.watched or parent.counted):
             return True
         return self.matches(rel) or self._may_match_below(rel)
+
+    def unmatched_globs(self) -> list[str]:
+        """Watch globs that match no cgroup now (a typo, or a workload not started yet)."""
+        rels = [n.rel for n in self.nodes.values() if n.watched]
+        return [g for g in self.watch if not any(glob_match(g, r) for r in rels)]
 
     # -- building --------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -159,14 +160,46 @@ class Watcher:
             self._scan(root)
         self.ready = True
 
-    def _scan(self, node: Node) -> None:
+    def _scan(self, node: Node) -> list[Node]:
+        added = []
         for child_rel in self.fs.children(node.rel):
             name = child_rel.rsplit("/", 1)[-1]
-            if name in node.children:
-                continue
-            child = self._add(child_rel, node)
-            if child is not None:
-                self._scan(child)
+            child = node.children.get(name)
+            if child is None:
+                child = self._add(child_rel, node)
+                if child is None:
+                    continue
+                added.append(child)
+            added += self._scan(child)
+        return added
+
+    def rescan(self) -> list[Node]:
+        """Reconcile with the tree after lost inotify events: add what is new, drop what is gone,
+        re-read every watched cgroup's state. Returns the watched cgroups added."""
+        for node in [n for n in self.nodes.values() if n.rel and not os.path.isdir(self.fs.abspath(n.rel))]:
+            if self.nodes.get(node.rel) is node:
+                self._remove(node)
+        root = self.nodes.get("")
+        added = self._scan(root) if root is not None else []
+        for n in self.nodes.values():
+            if n.watched:
+                self._read_events(n)
+        return [n for n in added if n.watched]
+
+    def maybe_rescan_degraded(self, now: int) -> list[Node]:
+        if not self.missing_watches or now < self._next_degraded_rescan:
+            return []
+        self._next_degraded_rescan = now + DEGRADED_RESCAN_NS
+        return self.rescan()
+
+    def _add_watch(self, path: str, mask: int) -> int | None:
+        try:
+            return self.inotify.add_watch(path, mask)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                self.missing_watches += 1
+                return None
+            raise
 
     def _add(self, rel: str, parent: Node | None) -> Node | None:
         if rel and not self._needs_node(rel, parent):
@@ -177,48 +210,62 @@ class Watcher:
         node = Node(rel=rel, watched=watched, protected=watched and self.is_protected(rel), parent=parent)
         path = self.fs.abspath(rel)
         try:
-            node.dir_wd = self.inotify.add_watch(path, _DIR_MASK)
+            node.dir_wd = self._add_watch(path, _DIR_MASK)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
             raise
-        self._wd[node.dir_wd] = (node, "dir")
-        counted = watched or (parent is not None and (parent.watched or parent.counts_locally))
-        if counted:
-            self._open_files(node)
+        if node.dir_wd is not None:
+            self._wd[node.dir_wd] = (node, "dir")
+        node.counted = parent is not None and (parent.watched or parent.counted)
+        if watched or node.counted:
+            node.source = "pids.current" if os.path.exists(os.path.join(path, "pids.current")) else "cgroup.threads"
+        if watched:
+            try:
+                self._watch_files(node, path)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTDIR):
+                    raise
+                # Gone between mkdir and our watch (cgroup churn): as if never seen.
+                for wd in (node.dir_wd, node.events_wd, node.pids_events_wd):
+                    if wd is not None:
+                        self._wd.pop(wd, None)
+                        try:
+                            self.inotify.rm_watch(wd)
+                        except OSError:
+                            pass
+                return None
         if parent is not None:
             parent.children[rel.rsplit("/", 1)[-1]] = node
         self.nodes[rel] = node
         if watched:
             node.history = History()
+            # First samples of a freshly started agent are spread over one calm interval rather
+            # than all due at once (10,000 cgroups would stall the loop for a moment).
             now = self.clock()
-            self._schedule(node, now, self.sampling.slow_interval_ms * MS)
+            spread = self.sampling.slow_interval_ms * MS if self.ready else CALM_GRID_NS * 4
+            self._schedule_at(node, now + zlib.crc32(rel.encode()) % max(spread, 1), self.sampling.slow_interval_ms * MS)
         return node
 
-    def _open_files(self, node: Node) -> None:
-        path = self.fs.abspath(node.rel)
+    def _watch_files(self, node: Node, path: str) -> None:
+        wd = self._add_watch(os.path.join(path, "cgroup.events"), _FILE_MASK)
+        if wd is not None:
+            node.events_wd = wd
+            self._wd[wd] = (node, "events")
+        self._read_events(node)
+        if os.path.exists(os.path.join(path, "pids.events")):
+            wd = self._add_watch(os.path.join(path, "pids.events"), _FILE_MASK)
+            if wd is not None:
+                node.pids_events_wd = wd
+                self._wd[wd] = (node, "pids.events")
+
+    def _read_events(self, node: Node) -> None:
         try:
-            if node.watched:
-                node.events_wd = self.inotify.add_watch(os.path.join(path, "cgroup.events"), _FILE_MASK)
-                self._wd[node.events_wd] = (node, "events")
-                ev = parse_flat_keyed(self.fs.read_optional(node.rel, "cgroup.events") or "")
-                node.populated = ev.get("populated", 1) == 1
-                node.frozen = ev.get("frozen", 0) == 1
-            if os.path.exists(os.path.join(path, "pids.current")):
-                node.f_current = _File(os.path.join(path, "pids.current"))
-                node.source = "pids.current"
-                if node.watched:
-                    node.f_max = _File(os.path.join(path, "pids.max"))
-                    if os.path.exists(os.path.join(path, "pids.events")):
-                        node.f_events = _File(os.path.join(path, "pids.events"))
-                        node.pids_events_wd = self.inotify.add_watch(os.path.join(path, "pids.events"), _FILE_MASK)
-                        self._wd[node.pids_events_wd] = (node, "pids.events")
-            else:
-                node.f_current = _File(os.path.join(path, "cgroup.threads"))
-                node.source = "cgroup.threads"
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
+            ev = parse_flat_keyed(self.fs.read_optional(node.rel, "cgroup.events") or "")
+        except OSError:
+            return
+        node.populated = ev.get("populated", 1) == 1
+        node.frozen = ev.get("frozen", 0) == 1
 
     def _remove(self, node: Node) -> None:
         for n in [*node.descendants(), node]:
@@ -229,9 +276,9 @@ class Watcher:
                         self.inotify.rm_watch(wd)
                     except OSError:
                         pass  # the kernel already dropped it with the directory
-            for f in (n.f_current, n.f_max, n.f_events):
-                if f is not None:
-                    f.close()
+            self.files.forget_under(self.fs.abspath(n.rel))
+            if n.budget is not None:
+                self._unlink_groups(n, n.budget)
             if self.nodes.get(n.rel) is n:
                 del self.nodes[n.rel]
                 if n.watched:
@@ -244,55 +291,122 @@ class Watcher:
             self._remove(self.nodes[""])
         self.inotify.close()
 
+    # -- budgets ---------------------------------------------------------------------------
+    def _link_groups(self, node: Node, b: Budget) -> None:
+        for g in b.groups:
+            if g.kind != "v2" or g.directory == self.fs.abspath(node.rel):
+                continue  # the cgroup's own pids.events is watched already
+            users = self._group_nodes.setdefault(g.directory, set())
+            users.add(node.rel)
+            if g.directory not in self._group_wd:
+                wd = self._add_watch(os.path.join(g.directory, "pids.events"), _FILE_MASK)
+                if wd is not None:
+                    self._group_wd[g.directory] = wd
+                    self._wd[wd] = (None, g.directory)
+
+    def _unlink_groups(self, node: Node, b: Budget) -> None:
+        for g in b.groups:
+            users = self._group_nodes.get(g.directory)
+            if users is None:
+                continue
+            users.discard(node.rel)
+            if not users:
+                del self._group_nodes[g.directory]
+                wd = self._group_wd.pop(g.directory, None)
+                if wd is not None:
+                    self._wd.pop(wd, None)
+                    try:
+                        self.inotify.rm_watch(wd)
+                    except OSError:
+                        pass
+
+    def budget_of(self, node: Node, now: int, populated: bool = False) -> Budget:
+        """The cgroup's budget, resolved again when stale, and soon after it first holds tasks on
+        a hybrid host (its v1 group is found through one of its processes)."""
+        b = node.budget
+        v1_pending = (
+            populated and b is not None and not b.v1_pid and self.budgets.v1_root is not None
+            and now - b.resolved_ns >= V1_RETRY_NS
+        )
+        if b is None or self.budgets.stale(b, now) or v1_pending:
+            if b is not None:
+                self._unlink_groups(node, b)
+            b = node.budget = self.budgets.resolve(node.rel, now)
+            self._link_groups(node, b)
+        return b
+
+    def limit_groups(self) -> list[LimitGroup]:
+        seen: dict[int, LimitGroup] = {}
+        for n in self.nodes.values():
+            for g in n.budget.groups if n.budget else ():
+                seen[id(g)] = g
+        return list(seen.values())
+
     # -- inotify ---------------------------------------------------------------------------
     def handle_inotify(self) -> list[tuple[Node, str]]:
-        """Process pending inotify events. Returns (node, 'events'|'pids.events') notifications."""
+        """Process pending inotify events. Returns (node, 'events'|'pids.events'|'added')
+        notifications for watched cgroups."""
         out: list[tuple[Node, str]] = []
         for ev in self.inotify.read(timeout=0):
+            if ev.mask & flags.Q_OVERFLOW:
+                self.overflows += 1
+                log.warning("inotify queue overflowed: rescanning the cgroup tree")
+                out += [(n, "added") for n in self.rescan()]
+                continue
             entry = self._wd.get(ev.wd)
             if entry is None:
                 continue
             node, kind = entry
+            if node is None:  # a limit group's pids.events: every cgroup under it may be pinned
+                for rel in self._group_nodes.get(kind, ()):
+                    n = self.nodes.get(rel)
+                    if n is not None and n.watched:
+                        out.append((n, "pids.events"))
+                continue
             if kind == "dir":
-                if ev.mask & (flags.DELETE_SELF | flags.IGNORED):
-                    if self.nodes.get(node.rel) is node:
-                        self._remove(node)
-                    continue
-                if not ev.mask & flags.ISDIR or not ev.name:
-                    continue
-                child_rel = f"{node.rel}/{ev.name}" if node.rel else ev.name
-                if ev.mask & (flags.CREATE | flags.MOVED_TO):
-                    child = self._add(child_rel, node)
-                    if child is not None:
-                        # Children made before our watch was in place would otherwise be missed.
-                        self._scan(child)
-                elif ev.mask & (flags.DELETE | flags.MOVED_FROM):
-                    child = node.children.get(ev.name)
-                    if child is not None:
-                        self._remove(child)
+                out += self._dir_event(node, ev)
             elif kind == "events":
-                try:
-                    ev_ = parse_flat_keyed(self.fs.read_optional(node.rel, "cgroup.events") or "")
-                except OSError:
-                    continue
-                node.populated = ev_.get("populated", 0) == 1
-                node.frozen = ev_.get("frozen", 0) == 1
+                self._read_events(node)
                 out.append((node, "events"))
             else:
                 out.append((node, kind))
         return out
 
+    def _dir_event(self, node: Node, ev) -> list[tuple[Node, str]]:
+        if ev.mask & (flags.DELETE_SELF | flags.IGNORED):
+            if self.nodes.get(node.rel) is node:
+                self._remove(node)
+            return []
+        if not ev.mask & flags.ISDIR or not ev.name:
+            return []
+        child_rel = f"{node.rel}/{ev.name}" if node.rel else ev.name
+        if ev.mask & (flags.CREATE | flags.MOVED_TO):
+            child = self._add(child_rel, node)
+            if child is None:
+                return []
+            # Children made before our watch was in place would otherwise be missed.
+            added = [child, *self._scan(child)]
+            return [(n, "added") for n in added if n.watched]
+        if ev.mask & (flags.DELETE | flags.MOVED_FROM):
+            child = node.children.get(ev.name)
+            if child is not None:
+                self._remove(child)
+        return []
+
     # -- sampling --------------------------------------------------------------------------
     def _schedule(self, node: Node, now: int, interval_ns: int) -> None:
-        node.interval_ns = interval_ns
         due = now + interval_ns
         if interval_ns >= self.sampling.slow_interval_ms * MS:
             # Calm cgroups share a coarse grid, so 1,000 of them cost a few wake-ups a second
             # instead of a thousand; a calm count a few hundred ms late changes nothing.
             due = -(-due // CALM_GRID_NS) * CALM_GRID_NS
+        self._schedule_at(node, due, interval_ns)
+
+    def _schedule_at(self, node: Node, due: int, interval_ns: int) -> None:
+        node.interval_ns = interval_ns
         node.due_ns = due
         self._seq += 1
-        heapq.heappush(self._heap, (node.due_ns, self._seq, node))
+        heapq.heappush(self._heap, (due, self._seq, node))
 
     def next_due_ns(self) -> int | None:
         while self._heap:
@@ -322,50 +436,49 @@ class Watcher:
         last = node.history.last if node.history is not None else None
         due = now if last is None or now - last.t_ns >= fast else last.t_ns + fast
         if node.due_ns > due:
-            self._schedule(node, due - fast, fast)
+            self._schedule_at(node, due, fast)
 
     def count(self, node: Node) -> int:
-        if node.source == "pids.current" and node.f_current is not None:
+        if node.source == "pids.current":
             try:
-                return int(node.f_current.read() or b"0")
+                return int(self.files.read(os.path.join(self.fs.abspath(node.rel), "pids.current")) or b"0")
             except (OSError, ValueError):
                 return 0
         total = 0
         for n in (node, *node.descendants()):
-            if n.f_current is not None:
-                try:
-                    total += n.f_current.read().count(b"\n")
-                except OSError:
-                    pass
-        return total
-
-    def sample(self, node: Node, now: int | None = None) -> Sample:
-        """Read the cgroup's counters now, record them, and set its next sampling time."""
-        now = self.clock() if now is None else now
-        tasks = self.count(node)
-        pids_max = forks_refused = None
-        if node.f_max is not None:
+            if n.source != "cgroup.threads":
+                continue
             try:
-                pids_max = parse_max(node.f_max.read().decode())
-            except (OSError, ValueError):
-                pass
-        if node.f_events is not None:
-            try:
-                forks_refused = parse_flat_keyed(node.f_events.read().decode()).get("max")
+                # Calm cgroups are read through a kept-open file only while the budget allows;
+                # counting newlines avoids building a list of TIDs per sample.
+                total += self.files.read(os.path.join(self.fs.abspath(n.rel), "cgroup.threads")).count(b"\n")
             except OSError:
                 pass
-        s = Sample(now, tasks, pids_max, forks_refused)
+        return total
+
+    def sample(self, node: Node, now: int | None = None, births: Callable[[str], int | None] | None = None) -> Sample:
+        """Read the cgroup's tasks and its budget's pressure now, record them, and set its next
+        sampling time."""
+        now = self.clock() if now is None else now
+        tasks = self.count(node)
+        b = self.budget_of(node, now, populated=tasks > 0)
+        p = self.budgets.pressure(b, tasks)
+        # Births only matter where the churn rule can decide; summing them costs a pass over
+        # the cgroup's tracked records.
+        got = births(node.rel) if births is not None and p.usage >= PRESSURE_FAST else None
+        s = Sample(now, tasks, p.level, p.limit, p.refused, got, p.source)
         assert node.history is not None
         prev = node.history.last
         node.history.add(s)
         self.samples_taken += 1
         grew = prev is not None and tasks > prev.tasks
-        refused_more = prev is not None and forks_refused is not None and forks_refused != prev.forks_refused
+        refused_more = prev is not None and p.refused is not None and prev.refused is not None and p.refused > prev.refused
         if grew or refused_more:
             node.active_until_ns = now + self.sampling.calm_after_ms * MS
         node.last_tasks = tasks
+        node.last_usage = p.usage
         slow = self.sampling.slow_interval_ms * MS
-        if now < node.active_until_ns:
+        if now < node.active_until_ns or p.usage >= PRESSURE_FAST:
             interval = self.sampling.fast_interval_ms * MS
         elif self.backoff and prev is not None and tasks == prev.tasks and node.interval_ns >= slow:
             interval = min(2 * node.interval_ns, self.sampling.calm_backoff_max_ms * MS)
@@ -394,25 +507,35 @@ class Watcher:
         hist = node.history
         if hist is None or not hist.samples:
             return 0
-        before = [s.tasks for s in hist.samples if s.t_ns <= since_ns]
-        return before[-1] if before else min(s.tasks for s in hist.samples)
+        s = hist.at(since_ns)
+        return s.tasks if s is not None else min(x.tasks for x in hist.samples)
 
     def narrow(self, node: Node, since_ns: int) -> Node:
         """The smallest watched cgroup below ``node`` that accounts for nearly all of its growth.
 
         Growth, not size: a bomb started beside a large calm sibling holds few of the parent's
-        tasks at first, and the sibling must not be taken for the bomb's home.
+        tasks at first, and the sibling must not be taken for the bomb's home. Without history
+        (the agent just started), size decides.
         """
         cur = node
         while True:
-            grown = self.count(cur) - self._baseline(cur, since_ns)
-            best, best_grown = None, 0
+            total = self.count(cur)
+            grown = total - self._baseline(cur, since_ns)
+            by_growth: tuple[Node | None, int] = (None, 0)
+            by_size: tuple[Node | None, int] = (None, 0)
             for child in cur.children.values():
                 if not child.watched:
                     continue
-                g = self.count(child) - self._baseline(child, since_ns)
-                if g > best_grown:
-                    best, best_grown = child, g
-            if best is None or grown <= 0 or best_grown < 0.9 * grown:
+                n = self.count(child)
+                g = n - self._baseline(child, since_ns)
+                if g > by_growth[1]:
+                    by_growth = (child, g)
+                if n > by_size[1]:
+                    by_size = (child, n)
+            if grown > 0:
+                best, share, whole = by_growth[0], by_growth[1], grown
+            else:
+                best, share, whole = by_size[0], by_size[1], total
+            if best is None or whole <= 0 or share < 0.9 * whole:
                 return cur
             cur = best
