@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cgguard.kernel.procfs import ProcStat
+from cgguard.state import lineage_scan
 from cgguard.state.lineage import FREED, LineageTree
 
 MS = 1_000_000
@@ -70,11 +71,11 @@ class Sim:
 
     def __post_init__(self):
         self.proc = FakeProc(self)
+        self.fs = FakeFS(self)
         self.tree = LineageTree(
             in_scope=lambda cg: cg == self.scope or cg.startswith(self.scope + "/"),
             cgroup_of=self.cgroup_of,
             proc=self.proc,
-            fs=FakeFS(self),
             clock=lambda: self.t,
             vmstat=lambda: dict(self.vm),
             nr_processes=lambda: len(self.procs),
@@ -98,8 +99,9 @@ class Sim:
 
     # -- events ----------------------------------------------------------------------------
     def start(self, comm: str, cmdline: str, cgroup: str | None = None, parent: int | None = None) -> int:
-        """A process started from outside (e.g. by a runtime), moved into ``cgroup`` and exec'd:
-        the tree first hears of it at its exec."""
+        """A process started from outside (e.g. by a runtime), moved into ``cgroup`` and exec'd.
+        The tree hears its fork as an outsider's; the agent then sees the cgroup populated (or
+        its count above what the tree knows) and adopts it from /proc, as modelled here."""
         ppid = self.outside if parent is None else parent
         pid = self._new(ppid, self.procs[ppid].comm, self.procs[ppid].cmdline, self.procs[ppid].cgroup)
         if self.deliver:
@@ -107,7 +109,18 @@ class Sim:
         self.tick(MS)
         self.procs[pid].cgroup = cgroup or self.scope
         self.exec(pid, comm, cmdline)
+        if self.deliver:  # the agent is listening: it sees the cgroup populated and adopts
+            self.adopt(cgroup or self.scope)
         return pid
+
+    def adopt(self, cgroup: str | None = None) -> int:
+        return lineage_scan.adopt(self.tree, self.fs, cgroup or self.scope)
+
+    def load(self, cgroups: list[str] | None = None) -> int:
+        return lineage_scan.load(self.tree, self.fs, cgroups or [self.scope])
+
+    def resync(self, cgroups: list[str] | None = None) -> int:
+        return lineage_scan.resync(self.tree, self.fs, cgroups)
 
     def fork(self, ppid: int, dt: int = 100_000) -> int:
         self.tick(dt)
@@ -161,8 +174,8 @@ class Sim:
 def consistent(tree: LineageTree) -> None:
     """Structural invariants: links agree, every non-live record has children, counts add up."""
     seen = 0
-    for cg, recs in tree._members.items():
-        for r in recs:
+    for cg, stat in tree._cg.items():
+        for r in stat.members:
             seen += 1
             assert r.cgroup == cg
             assert not r.flags & FREED, "freed record still indexed"
@@ -175,7 +188,7 @@ def consistent(tree: LineageTree) -> None:
                 assert c.parent is r
             if r.parent is not None:
                 assert r in list(r.parent.children())
+            assert r.nlive == sum(1 for c in kids if c.alive), f"nlive of {r}"
+        assert stat.tasks == sum(r.threads for r in stat.members if r.alive), f"tasks of {cg}"
     assert seen == tree.stats.records
 
-
-# -- identity, fork, exec, exit ------------------------------------------------------------

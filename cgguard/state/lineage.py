@@ -1,24 +1,28 @@
-"""The record tree: one record per process, fed by proc-connector events (state, not policy).
+"""The record tree: one record per process in the watched cgroups, fed by proc-connector events.
 
 This is the 2011 mm_record tracker (see ../shared/seed) rebuilt in userspace:
 
 * A record per thread group, identified by ``(tgid, start_ns)`` -- never by a bare pid, which the
-  kernel recycles within seconds under a bomb (pid_max is often 32768).
+  kernel recycles within seconds under a bomb.
 * A record stays as a *placeholder* after its process exited while it still has children, so the
-  tree of a bomb whose parents exit at once can still be walked from its origin. A childless dead
-  record is freed at once, and so are its ancestors that thereby become childless placeholders.
-* Aging (:meth:`LineageTree.age`) mirrors the seed's ``reset_mm_tracking``: every
-  ``reset_interval`` it forgets records older than the interval, but only if the system looked
-  calm since the last run (no more processes, no kswapd run, no allocation stall).
+  tree of a bomb whose parents exit at once can be walked from its origin. A childless dead record
+  is freed at once, and so are its ancestors that thereby become childless placeholders.
+* Aging (:meth:`LineageTree.age`) is the seed's ``reset_mm_tracking``: every ``reset_interval`` it
+  forgets records older than the interval, only if the system looked calm since the last run (no
+  more processes, no kswapd run, no allocation stall).
 
-Costs are kept per event to a few dict operations and one small object: a bash bomb forks
-5-10k times a second and a C vfork loop 50k. /proc is never read on a fork of a known parent; a
-child inherits comm, cmdline and cgroup from its parent until it execs. Exec re-reads the
-process's cgroup, comm and cmdline (processes are commonly moved into their cgroup between fork
-and exec), under a rate budget so an exec storm degrades to lazy reads instead of I/O per event.
+The agent hears every fork, exec and exit on the host, so the cost per event is the agent's cost
+on a busy node. The event handlers therefore read nothing from /proc except once for a parent
+never seen before; a child inherits its parent's cgroup; what a process runs (comm, command line)
+is read only for records that fork after an exec -- the ones that can be the origin of a family
+-- in a batch after each burst of events (:meth:`LineageTree.flush`), under a rate budget. Events
+of processes outside the watched cgroups cost two dictionary operations (the *negative
+families*), and are re-checked every ``RESIGHT_EVERY`` forks so that a process moved into a
+watched cgroup after its fork is found.
 
-Kernel and /proc I/O stays at the edges: :class:`ProcFS` (injectable) and the ``cgroup_of``
-callable. Timestamps are CLOCK_MONOTONIC nanoseconds, as in the proc connector's events.
+Per cgroup, :class:`CgStat` keeps what the detectors read without walking records: tracked tasks
+(threads included), task births, and recent *abandonments* -- a process exiting while its
+children live, the mark of ``:(){ :|:& };:`` -- with how many abandoning generations led to it.
 """
 
 from __future__ import annotations
@@ -26,25 +30,28 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
 from cgguard.kernel import procfs
-from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, find_cgroup2_root
 from cgguard.kernel.cgroupns import own_cgroup
+from cgguard.kernel.clock import S
 from cgguard.kernel.procfs import ProcStat
 
 # Record.flags
-STALE = 1  # comm/cmdline not read since the last exec
-FROM_PROC = 2  # made from /proc (start-up, resync, first sight), not from a FORK event
-FORGOTTEN = 4  # detached by aging while the process may still run
+STALE = 1  # exec'd since its image was last read: comm/cmdline unknown until read
+FROM_PROC = 2  # made from /proc (start-up, rescan, first sight), not from a FORK event
+FORGOTTEN = 4  # detached by aging (or moved out of scope) while the process may still run
 FREED = 8  # removed from the tree; a stale reference to it must be ignored
+IMAGE_QUEUED = 16  # its image read is queued for flush()
 
 # Two sightings of one process from different sources (a FORK event's timestamp and /proc's
 # start time in clock ticks) differ by up to one tick plus scheduling noise.
 IDENTITY_TOLERANCE_NS = 3 * procfs.TICK_NS
-
 CMDLINE_MAX = 1024
+RESIGHT_EVERY = 256  # forks of an untracked family between two checks of where it is now
+ABANDON_WALK = 16  # ancestors looked at to find how many abandoning generations led here
 
 
 class Record:
@@ -64,72 +71,84 @@ class Record:
         "prev_sib",
         "alive",
         "exit_ns",
-        "cgroup",
-        "comm",
-        "cmdline",
+        "cg",  # CgStat of its cgroup
+        "image",  # (comm, cmdline) if read for this very image; None: unknown or inherited
         "threads",
         "depth",
-        "cdepth",  # clone generations in a row ending here: 0 after an exec into a new image
-        "last_fork_ns",  # creation time of the newest child
         "nforks",  # process children forked (threads not counted)
-        "exec_ns",  # last exec; None while the process still runs its parent's image
+        "nlive",  # children alive now
+        "last_fork_ns",
+        "exec_ns",  # last exec; None while it still runs its parent's image (a clone)
+        "abd",  # abandoning generations up to and including it (0: did not abandon)
         "flags",
     )
 
-    def __init__(self, tgid: int, start_ns: int, parent: Record | None, cgroup: str, comm: str | None, cmdline: str | None):
+    def __init__(self, tgid: int, start_ns: int, parent: "Record | None", cg: "CgStat"):
         self.tgid = tgid
         self.start_ns = start_ns
         self.parent = parent
-        self.first_child = None
-        self.next_sib = None
-        self.prev_sib = None
+        self.first_child = self.next_sib = self.prev_sib = None
         self.alive = True
-        self.exit_ns = None
-        self.cgroup = cgroup
-        self.comm = comm
-        self.cmdline = cmdline
+        self.exit_ns = 0
+        self.cg = cg
+        self.image: tuple[str | None, str | None] | None = None
         self.threads = 1
         self.depth = 0
-        self.cdepth = 0
-        self.last_fork_ns = 0
-        self.nforks = 0
-        self.exec_ns = None
-        self.flags = 0
+        self.nforks = self.nlive = self.last_fork_ns = self.abd = self.flags = 0
+        self.exec_ns: int | None = None
 
     @property
     def identity(self) -> tuple[int, int]:
         return (self.tgid, self.start_ns)
 
     @property
-    def placeholder(self) -> bool:
-        return not self.alive
+    def cgroup(self) -> str:
+        return self.cg.path
 
-    def children(self) -> Iterator[Record]:
+    def children(self) -> Iterator["Record"]:
         c = self.first_child
         while c is not None:
             nxt = c.next_sib
             yield c
             c = nxt
 
-    def cloned(self) -> bool:
-        """True if this process runs the same program as its parent: it never exec'd since the
-        fork, or it exec'd into the very same comm and cmdline (a script that starts itself).
-        A record whose post-exec image is unknown (not read yet) does not count."""
-        if self.exec_ns is None:
-            return True
-        p = self.parent
-        if p is None or self.flags & STALE or p.flags & STALE or self.cmdline is None:
-            return False
-        return self.comm == p.comm and self.cmdline == p.cmdline
-
     def __repr__(self) -> str:
         state = "live" if self.alive else "placeholder"
-        return f"<Record {self.tgid}@{self.start_ns} {self.comm!r} {state} depth={self.depth}>"
+        return f"<Record {self.tgid}@{self.start_ns} {state} depth={self.depth} {self.cg.path}>"
 
 
-# -- /proc edge ----------------------------------------------------------------------------
+class CgStat:
+    """Per-cgroup counters kept by the event handlers."""
+
+    __slots__ = ("path", "members", "tasks", "births", "abandons", "loaded_start")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.members: set[Record] = set()
+        self.tasks = 0  # threads of its tracked live records
+        self.births = 0  # processes and threads created in it, cumulative
+        # (time, abandoning generations, record) of recent exits that left live children.
+        self.abandons: deque[tuple[int, int, Record]] = deque(maxlen=256)
+        # Newest start time of a record made from /proc here: a family younger than that may
+        # have members the tree knows without their lineage (orphans seen only by a scan).
+        self.loaded_start = 0
+
+
+class _Family:
+    """Processes known to be outside the watched cgroups share one of these: counting their forks
+    and a validity flag costs no per-process state beyond a dict entry."""
+
+    __slots__ = ("forks", "valid", "first")
+
+    def __init__(self, first: bool = False) -> None:
+        # first: made at an exec, so its first fork is checked and nothing was missed before it
+        self.forks = RESIGHT_EVERY - 1 if first else 0
+        self.valid = True
+        self.first = first
+
+
 class ProcFS:
-    """The /proc reads the tree needs (cgguard.kernel.procfs). Injectable so tests need no real processes."""
+    """The /proc reads the tree needs (cgguard.kernel.procfs). Injectable for tests."""
 
     def stat(self, pid: int) -> ProcStat | None:
         return procfs.read_stat(pid)
@@ -150,8 +169,7 @@ def read_vmstat(path: str = "/proc/vmstat") -> dict[str, int]:
 
 
 def nr_processes(proc_root: str = "/proc") -> int:
-    """Thread-group leaders in the system, like the kernel's nr_processes(): the numeric
-    entries of /proc (the initial pid namespace sees every process)."""
+    """Thread-group leaders in the system, like the kernel's nr_processes()."""
     return sum(1 for n in os.listdir(proc_root) if n.isdigit())
 
 
@@ -164,7 +182,6 @@ def oom_badness(tgid: int) -> int:
         return 0
 
 
-# -- the tree ------------------------------------------------------------------------------
 @dataclass
 class TreeStats:
     records: int = 0
@@ -175,25 +192,17 @@ class TreeStats:
     losses: int = 0
     pid_reuse: int = 0
     proc_reads: int = 0
-    exec_reads_skipped: int = 0
+    image_reads_skipped: int = 0
     negative_cache: int = 0
+    resights: int = 0
     incomplete: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["incomplete"] = list(self.incomplete)
-        return d
-
-
-_OUT = object()  # sentinel: the process is outside the watched cgroups
 
 
 class LineageTree:
-    """Records of the processes in watched cgroups; an EventSink for :class:`ProcConnector`.
+    """The records of processes in watched cgroups; an EventSink for the proc connector.
 
     Injectables: ``in_scope(cgroup)`` says which cgroups are watched; ``cgroup_of(pid)`` and
-    ``proc`` read /proc; ``fs`` lists cgroup members for start-up and resync; ``clock``,
-    ``vmstat`` and ``nr_processes`` feed aging.
+    ``proc`` read /proc; ``clock``, ``vmstat`` and ``nr_processes`` feed aging.
     """
 
     def __init__(
@@ -202,44 +211,34 @@ class LineageTree:
         in_scope: Callable[[str], bool] = lambda cg: True,
         cgroup_of: Callable[[int], str | None] = own_cgroup,
         proc: ProcFS | None = None,
-        fs: CgroupFS | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
         vmstat: Callable[[], Mapping[str, int]] = read_vmstat,
         nr_processes: Callable[[], int] = nr_processes,
-        reset_interval_ns: int = 30_000_000_000,
+        reset_interval_ns: int = 30 * S,
         tracking_enabled: bool = True,
-        exec_reads_per_s: int = 2000,
-        negative_cache_size: int = 16384,
-        hot_clone_depth: int = 5,
-        wide_clone_depth: int = 3,
+        image_reads_per_s: int = 1000,
+        abandon_window_ns: int = 5 * S,
+        negative_cache_size: int = 262144,
     ):
         self.in_scope = in_scope
         self.cgroup_of = cgroup_of
         self.proc = proc or ProcFS()
-        self._fs = fs
         self.clock = clock
         self.vmstat_source = vmstat
         self.nr_processes_source = nr_processes
         # Runtime knobs, like the seed's sysfs files: both may change at any time.
         self.reset_interval_ns = reset_interval_ns
         self.tracking_enabled = tracking_enabled
-        self.exec_reads_per_s = exec_reads_per_s
+        self.image_reads_per_s = image_reads_per_s
+        self.abandon_window_ns = abandon_window_ns
         self.negative_cache_size = negative_cache_size
-        # Forks at this many clone generations are remembered per cgroup (deep_forks_since), so the
-        # lineage detector can skip cgroups where no chain got that deep.
-        self.hot_clone_depth = hot_clone_depth
-        self.wide_clone_depth = wide_clone_depth
-
         self._live: dict[int, Record] = {}
-        self._members: dict[str, set[Record]] = {}
-        self._neg: dict[int, None] = {}  # tgids known to be outside the watched cgroups
-        self._touched: set[str] = set()  # cgroups that forked since the last take_activity()
-        # When a fork in a cgroup last reached hot_clone_depth clone generations ...
-        self.deep_fork_ns: dict[str, int] = {}
-        # ... and when one last reached wide_clone_depth (for wide, shallow replication).
-        self.wide_fork_ns: dict[str, int] = {}
+        self._cg: dict[str, CgStat] = {}
+        self._neg: dict[int, _Family] = {}
+        self._touched: set[CgStat] = set()
+        self._images: list[Record] = []  # records whose image flush() reads
         self._nrec = 0
-        self._tokens = float(exec_reads_per_s)
+        self._tokens = float(image_reads_per_s)
         self._tokens_ts = 0
         self._last_nr = 0
         self._last_pageout = 0
@@ -248,155 +247,149 @@ class LineageTree:
         self.loss_pending = False
         self._stats = TreeStats()
 
-    # -- EventSink ---------------------------------------------------------------------------
+    # -- EventSink -------------------------------------------------------------------------
     def on_fork(self, ts_ns: int, parent_pid: int, parent_tgid: int, child_pid: int, child_tgid: int) -> None:
         live = self._live
         if child_pid != child_tgid:
-            # A new thread. The kernel reports the *process's* parent as parent for CLONE_THREAD,
-            # so the thread belongs to child_tgid.
+            # A new thread (the kernel reports the process's parent for CLONE_THREAD).
             rec = live.get(child_tgid)
             if rec is not None:
                 rec.threads += 1
+                cg = rec.cg
+                cg.tasks += 1
+                cg.births += 1
+                self._touched.add(cg)
+            else:
+                fam = self._neg.get(child_tgid)
+                if fam is not None:
+                    fam.forks += 1
+                    if fam.forks >= RESIGHT_EVERY and self._resight(child_tgid, fam):
+                        self.on_fork(ts_ns, parent_pid, parent_tgid, child_pid, child_tgid)  # now tracked
             return
         old = live.get(child_tgid)
         if old is not None:
             if old.flags & FROM_PROC and abs(old.start_ns - ts_ns) < IDENTITY_TOLERANCE_NS:
-                return  # the /proc scan already saw this very fork
+                return  # a /proc scan already saw this very fork
             # A live record for a pid that is forked again: its exit was lost. Identities never
             # merge; close the old record out.
             self._stats.pid_reuse += 1
             self._end(old, ts_ns)
         parent = live.get(parent_tgid)
-        if not self.tracking_enabled:
-            return
         if parent is None:
-            if parent_tgid in self._neg:
-                self._neg_add(child_tgid)
-                return
-            found = self._sight_parent(parent_tgid, child_tgid)
-            if found is _OUT:
-                return
-            if isinstance(found, str):
-                # The parent is gone but the child is watched: it becomes a root.
-                rec = Record(child_tgid, ts_ns, None, found, None, None)
-                rec.flags = STALE
-                self._add(rec)
-                return
-            parent = found  # type: ignore[assignment]
-        # A child runs its parent's image, in its parent's cgroup, until it execs.
-        cg = parent.cgroup
-        rec = Record(child_tgid, ts_ns, parent, cg, parent.comm, parent.cmdline)
-        rec.flags = parent.flags & STALE
-        rec.cdepth = parent.cdepth + 1
-        self._link(rec, parent)
-        self._add(rec)
-        self._touched.add(cg)
-
-    def on_exec(self, ts_ns: int, pid: int, tgid: int) -> None:
-        rec = self._live.get(tgid)
-        if rec is None:
-            if self.tracking_enabled:
-                # Exec is where a process moved into a watched cgroup after its fork shows up.
-                self._sight_exec(tgid, ts_ns)
-            return
-        rec.exec_ns = ts_ns
-        if not self._take_token(ts_ns):
-            # Over budget: the new image is read on demand (describe), if the process still runs.
-            self._forget_image(rec)
-            self._stats.exec_reads_skipped += 1
-            return
-        st = self.proc.stat(tgid)
-        cg = self.cgroup_of(tgid)
-        self._stats.proc_reads += 1
-        if st is None or cg is None:
-            # Gone already; what it exec'd is lost. Its exit event follows.
-            self._forget_image(rec)
-            return
-        if not procfs.same_process(st, rec.start_ns, IDENTITY_TOLERANCE_NS):
-            # Not the process we knew: the exit and the fork of this pid were both lost.
-            self._stats.pid_reuse += 1
-            self._end(rec, ts_ns)
-            self._sight_exec(tgid, ts_ns)
-            return
-        rec.comm = st.comm
-        rec.cmdline = self._intern_cmdline(self.proc.cmdline(tgid))
-        rec.flags &= ~STALE
-        # exec leaves one thread; /proc may already count threads whose events are still queued.
-        rec.threads = 1
-        p = rec.parent
-        rec.cdepth = p.cdepth + 1 if p is not None and rec.cloned() else 0
-        if cg != rec.cgroup:
-            if not self.in_scope(cg):
-                self._detach(rec)
-                self._neg_add(tgid)
-                return
-            self._move(rec, sys.intern(cg))
-
-    @staticmethod
-    def _forget_image(rec: Record) -> None:
-        # The inherited comm/cmdline describe the image before exec: wrong from now on.
-        rec.comm = rec.cmdline = None
-        rec.flags |= STALE
-        rec.cdepth = 0
-
-    def on_exit(self, ts_ns: int, pid: int, tgid: int, exit_code: int, exit_signal: int) -> None:
-        """The leader's exit ends the record. A main thread that calls pthread_exit() while other
-        threads run is taken for the process exiting: the kernel reports nothing else to tell
-        them apart, and such a process does not fork copies of itself anyway."""
-        if pid != tgid:
-            rec = self._live.get(tgid)
-            if rec is not None and rec.threads > 1:
-                rec.threads -= 1
-            return
-        rec = self._live.get(tgid)
-        if rec is None:
-            self._neg.pop(tgid, None)
-            return
-        self._end(rec, ts_ns)
-
-    def on_loss(self, reason: str) -> None:
-        """Events were lost: the tree may miss forks and exits until :meth:`resync` runs.
-
-        Resync is deferred to the caller (after the read batch) so that a burst of loss reports
-        costs one /proc scan, not one per report.
-        """
-        self._stats.losses += 1
-        self.loss_pending = True
-
-    # -- record bookkeeping ------------------------------------------------------------------
-    def _link(self, rec: Record, parent: Record) -> None:
-        rec.parent = parent
+            fam = self._neg.get(parent_tgid)
+            if fam is not None:
+                if fam.valid:
+                    self._neg[child_tgid] = fam
+                    fam.forks += 1
+                    if fam.forks < RESIGHT_EVERY or not self._resight(parent_tgid, fam):
+                        return
+                    self._neg.pop(child_tgid, None)
+                    parent = live.get(parent_tgid)
+                else:
+                    del self._neg[parent_tgid]
+            if parent is None:
+                if not self.tracking_enabled:
+                    return
+                parent = self._sight_parent(parent_tgid, child_tgid, ts_ns)
+                if parent is None:
+                    return
+        if not self.tracking_enabled:
+            return  # the seed's knob: no new records; existing ones still age and exit
+        rec = Record(child_tgid, ts_ns, parent, parent.cg)
         rec.depth = parent.depth + 1
         first = parent.first_child
         if first is not None:
             first.prev_sib = rec
             rec.next_sib = first
         parent.first_child = rec
-        if rec.start_ns > parent.last_fork_ns:
-            parent.last_fork_ns = rec.start_ns
         parent.nforks += 1
-
-    def _add(self, rec: Record) -> None:
-        """Index a new live record (already linked to its parent, if any)."""
-        self._live[rec.tgid] = rec
+        parent.nlive += 1
+        parent.last_fork_ns = ts_ns
+        if parent.flags & STALE and not parent.flags & IMAGE_QUEUED:
+            # It forks after an exec: it may be a family's origin, so its image is worth a read.
+            parent.flags |= IMAGE_QUEUED
+            self._images.append(parent)
+        live[child_tgid] = rec
+        cg = rec.cg
+        cg.members.add(rec)
+        cg.tasks += 1
+        cg.births += 1
+        self._touched.add(cg)
         self._nrec += 1
-        members = self._members.get(rec.cgroup)
-        if members is None:
-            members = self._members[rec.cgroup] = set()
-        members.add(rec)
-        if rec.cdepth >= self.wide_clone_depth:
-            self.wide_fork_ns[rec.cgroup] = rec.start_ns
-            if rec.cdepth >= self.hot_clone_depth:
-                self.deep_fork_ns[rec.cgroup] = rec.start_ns
 
+    def on_exec(self, ts_ns: int, pid: int, tgid: int) -> None:
+        rec = self._live.get(tgid)
+        if rec is not None:
+            # What it runs now is read only if it forks (see on_fork); until then, unknown.
+            rec.exec_ns = ts_ns
+            rec.image = None
+            rec.flags = (rec.flags | STALE) & ~IMAGE_QUEUED
+            return
+        if tgid in self._neg:
+            # Runtimes move a process into its cgroup between its fork and its exec (runc init,
+            # systemd-run --scope, `docker exec`): an outsider that execs gets a family of its own
+            # whose first fork (or thread) checks where it is now. Commands that never fork
+            # cost nothing more.
+            self._neg[tgid] = _Family(first=True)
+
+    def on_exit(self, ts_ns: int, pid: int, tgid: int, exit_code: int, exit_signal: int) -> None:
+        """The leader's exit ends the record. A main thread that calls pthread_exit() while other
+        threads run is taken for the process exiting: the kernel reports nothing else to tell
+        them apart, and such a process does not fork copies of itself anyway."""
+        live = self._live
+        if pid != tgid:
+            rec = live.get(tgid)
+            if rec is not None and rec.threads > 1:
+                rec.threads -= 1
+                rec.cg.tasks -= 1
+            return
+        rec = live.get(tgid)
+        if rec is None:
+            self._neg.pop(tgid, None)
+            return
+        self._end(rec, ts_ns)
+
+    def on_loss(self, reason: str) -> None:
+        """Events were lost: the tree may miss forks and exits until a rescan (the caller runs it
+        after the read batch, so a burst of loss reports costs one /proc scan)."""
+        self._stats.losses += 1
+        self.loss_pending = True
+
+    # -- bookkeeping -----------------------------------------------------------------------
     def _end(self, rec: Record, ts_ns: int) -> None:
-        """The process exited (or its exit was missed): keep a placeholder only for children."""
+        """The process exited (or its exit was missed)."""
         if self._live.get(rec.tgid) is rec:
             del self._live[rec.tgid]
         rec.alive = False
         rec.exit_ns = ts_ns
-        if rec.first_child is None:
+        cg = rec.cg
+        cg.tasks -= rec.threads
+        p = rec.parent
+        if p is not None:
+            p.nlive -= 1
+        if rec.nlive > 0:
+            self._abandoned(rec, ts_ns)
+        elif rec.first_child is None:
             self._free(rec)
+
+    def _abandoned(self, rec: Record, ts_ns: int) -> None:
+        """``rec`` exited leaving live children: count the abandoning generations that led here
+        (parents that did the same, within the window)."""
+        d = 1
+        a = rec.parent
+        horizon = ts_ns - self.abandon_window_ns
+        for _ in range(ABANDON_WALK):
+            if a is None:
+                break
+            if a.abd:
+                if a.exit_ns >= horizon:
+                    d += a.abd
+                break
+            a = a.parent
+        rec.abd = d
+        cg = rec.cg
+        cg.abandons.append((ts_ns, d, rec))
+        self._touched.add(cg)
 
     def _detach(self, rec: Record) -> None:
         """Stop tracking a live process (aged out, or moved out of scope): seed's mm = NULL."""
@@ -404,6 +397,9 @@ class LineageTree:
             del self._live[rec.tgid]
         rec.alive = False
         rec.flags |= FORGOTTEN
+        rec.cg.tasks -= rec.threads
+        if rec.parent is not None:
+            rec.parent.nlive -= 1
         if rec.first_child is None:
             self._free(rec)
 
@@ -414,7 +410,6 @@ class LineageTree:
         reach the parent next; freeing the emptied placeholders here keeps the invariant that
         every placeholder has children, whatever order callers free in.
         """
-        members = self._members
         while True:
             p = rec.parent
             if p is not None:
@@ -425,11 +420,10 @@ class LineageTree:
                     prv.next_sib = nxt
                 if nxt is not None:
                     nxt.prev_sib = prv
-            s = members.get(rec.cgroup)
-            if s is not None:
-                s.discard(rec)
-                if not s:
-                    del members[rec.cgroup]
+            cg = rec.cg
+            cg.members.discard(rec)
+            if not cg.members and not cg.abandons:
+                self._cg.pop(cg.path, None)
             rec.parent = rec.prev_sib = rec.next_sib = None
             rec.flags |= FREED
             self._nrec -= 1
@@ -437,185 +431,148 @@ class LineageTree:
                 return
             rec = p
 
-    def _move(self, rec: Record, cg: str) -> None:
-        s = self._members.get(rec.cgroup)
-        if s is not None:
-            s.discard(rec)
-            if not s:
-                del self._members[rec.cgroup]
-        rec.cgroup = cg
-        self._members.setdefault(cg, set()).add(rec)
+    def move(self, rec: Record, cgroup: str) -> None:
+        cg = rec.cg
+        cg.members.discard(rec)
+        cg.tasks -= rec.threads if rec.alive else 0
+        new = self.cgstat(cgroup)
+        rec.cg = new
+        new.members.add(rec)
+        new.tasks += rec.threads if rec.alive else 0
 
-    def _neg_add(self, tgid: int) -> None:
+    def cgstat(self, cgroup: str) -> CgStat:
+        cg = self._cg.get(cgroup)
+        if cg is None:
+            cg = self._cg[cgroup] = CgStat(sys.intern(cgroup))
+        return cg
+
+    def _neg_add(self, tgid: int, fam: _Family) -> None:
         neg = self._neg
         if len(neg) >= self.negative_cache_size:
             del neg[next(iter(neg))]
-        neg[tgid] = None
+        neg[tgid] = fam
 
-    def clear_negative_cache(self) -> None:
-        """Forget which processes were found outside the watched cgroups (after a scope change)."""
-        self._neg.clear()
-
-    def _take_token(self, ts_ns: int) -> bool:
-        rate = self.exec_reads_per_s
-        if rate <= 0:
-            return False
-        if ts_ns > self._tokens_ts:
-            self._tokens = min(float(rate), self._tokens + (ts_ns - self._tokens_ts) * rate / 1e9)
-            self._tokens_ts = ts_ns
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    @staticmethod
-    def _intern_cmdline(cmdline: str | None) -> str | None:
-        # Short command lines repeat a lot (a build runs the same compiler line shapes).
-        return sys.intern(cmdline) if cmdline is not None and len(cmdline) <= 256 else cmdline
-
-    def _from_stat(self, st: ProcStat, cg: str, cmdline: str | None) -> Record:
-        """A live record for a process first seen in /proc, linked to its parent if tracked."""
-        rec = Record(st.pid, st.start_ns, None, sys.intern(cg), st.comm, self._intern_cmdline(cmdline))
-        rec.flags = FROM_PROC
-        rec.threads = st.num_threads
-        rec.exec_ns = -1  # unknown: only a same-image comparison can call it a clone
-        parent = self._live.get(st.ppid)
-        if parent is not None and parent.start_ns <= st.start_ns + IDENTITY_TOLERANCE_NS:
-            self._link(rec, parent)
-            rec.cdepth = parent.cdepth + 1 if rec.cloned() else 0
-        self._add(rec)
-        return rec
-
-    def _sight_parent(self, ptgid: int, ctgid: int) -> Record | str | object:
-        """A fork by an unknown parent: place it once via /proc. Returns the parent's new
-        record; the child's cgroup if the parent is gone but the child is watched; or _OUT."""
-        self._stats.proc_reads += 1
-        cg = self.cgroup_of(ptgid)
-        if cg is not None and not self.in_scope(cg):
-            # Children start in their parent's cgroup: both are outside until one execs.
-            self._neg_add(ptgid)
-            self._neg_add(ctgid)
-            return _OUT
-        st = self.proc.stat(ptgid) if cg is not None else None
-        if st is None:
-            cg = self.cgroup_of(ctgid)
-            if cg is None or not self.in_scope(cg):
-                self._neg_add(ctgid)
-                return _OUT
-            return sys.intern(cg)
-        return self._from_stat(st, cg, self.proc.cmdline(ptgid))
-
-    def _sight_exec(self, tgid: int, ts_ns: int) -> None:
+    def _resight(self, tgid: int, fam: _Family) -> bool:
+        """Every RESIGHT_EVERY forks of an untracked family, check where its forking member is:
+        a container runtime moves processes into their cgroup after forking them. True if it
+        is in scope now (the whole family is then looked at again, member by member)."""
+        fam.forks = 0
+        first, fam.first = fam.first, False
+        self._stats.resights += 1
         self._stats.proc_reads += 1
         cg = self.cgroup_of(tgid)
         if cg is None or not self.in_scope(cg):
-            self._neg_add(tgid)
-            return
+            return False
+        fam.valid = False
         self._neg.pop(tgid, None)
         st = self.proc.stat(tgid)
-        if st is None:
-            # Exited between the two reads. Its forks may still be queued behind this event:
-            # a record from the event alone (start unknown, so the exec time) keeps them linked.
-            rec = Record(tgid, ts_ns, None, sys.intern(cg), None, None)
-            rec.exec_ns = ts_ns
+        if st is not None:
+            # From here on its events count its threads: /proc would count the ones whose
+            # creation events are still queued a second time.
+            self.from_stat(st, cg, threads=1)
+            if not first:  # forks of the family before this check went unseen
+                self.incomplete.add(cg)
+        return True
+
+    def _sight_parent(self, ptgid: int, ctgid: int, ts_ns: int) -> Record | None:
+        """A fork by a parent never seen: place it once via /proc. Returns its new record, a root
+        record for the child if the parent is gone but the child is watched, or None (outside)."""
+        self._stats.proc_reads += 1
+        cg = self.cgroup_of(ptgid)
+        if cg is not None and not self.in_scope(cg):
+            # Children start in their parent's cgroup: both are outside until one is moved.
+            fam = _Family()
+            self._neg_add(ptgid, fam)
+            self._neg_add(ctgid, fam)
+            return None
+        st = self.proc.stat(ptgid) if cg is not None else None
+        if st is None or cg is None:
+            cg = self.cgroup_of(ctgid)
+            if cg is None or not self.in_scope(cg):
+                self._neg_add(ctgid, _Family())
+                return None
+            # The parent is gone but the child is watched: the child becomes a root.
+            rec = Record(ctgid, ts_ns, None, self.cgstat(cg))
+            rec.flags = STALE | IMAGE_QUEUED
+            self._images.append(rec)
             self._add(rec)
-            return
-        rec = self._from_stat(st, cg, self.proc.cmdline(tgid))
-        rec.exec_ns = ts_ns
-        rec.threads = 1  # as in on_exec
+            return None
+        return self.from_stat(st, cg, threads=1)
 
-    # -- start-up and resync -----------------------------------------------------------------
-    @property
-    def fs(self) -> CgroupFS:
-        if self._fs is None:
-            self._fs = CgroupFS(find_cgroup2_root())
-        return self._fs
+    def _add(self, rec: Record) -> None:
+        self._live[rec.tgid] = rec
+        cg = rec.cg
+        cg.members.add(rec)
+        cg.tasks += rec.threads
+        self._touched.add(cg)
+        self._nrec += 1
 
-    def _scan(self, cgroups: Iterable[str]) -> tuple[dict[int, tuple[ProcStat, str]], set[str]]:
-        """Live processes of the cgroups' subtrees from cgroup.procs and /proc/PID/stat."""
-        found: dict[int, tuple[ProcStat, str]] = {}
-        walked: set[str] = set()
-        for top in cgroups:
-            try:
-                subtree = self.fs.walk(top)
-            except (CgroupError, OSError):
-                continue
-            for cg in subtree:
-                walked.add(cg)
-                try:
-                    pids = self.fs.procs(cg)
-                except CgroupError:
-                    continue
-                for pid in pids:
-                    st = self.proc.stat(pid)
-                    self._stats.proc_reads += 1
-                    if st is not None:
-                        found[pid] = (st, cg)
-        return found, walked
+    def from_stat(self, st: ProcStat, cgroup: str, threads: int | None = None) -> Record:
+        """A live record for a process first seen in /proc, linked to its parent if tracked.
 
-    def load_from_proc(self, cgroups: Iterable[str]) -> int:
-        """Track the processes already inside ``cgroups`` (and their subtrees) at start-up,
-        linking parent and child where both are known. Returns records added."""
-        return self._sync(list(cgroups), mark_gone=False)
-
-    def resync(self, cgroups: Iterable[str] | None = None, mark_incomplete: bool = True) -> int:
-        """Re-read the live set of ``cgroups`` after loss (default: every cgroup with records).
-
-        Records whose process is gone become dead (placeholders if they have children), unknown
-        live processes get records, and the cgroups are marked incomplete until the next aging
-        run: lineage lost with the events cannot be recovered from /proc. Returns records added.
+        Its image is read at once: sightings are rare (start-up, adoption, an unknown parent's
+        first fork), and such a process may be a family's origin that exits any moment.
         """
-        tops = list(cgroups) if cgroups is not None else self._top_cgroups()
-        added = self._sync(tops, mark_gone=True)
-        if mark_incomplete:
-            self.incomplete.update(tops)
-            self.loss_pending = False
-        return added
+        rec = Record(st.pid, st.start_ns, None, self.cgstat(cgroup))
+        rec.cg.loaded_start = max(rec.cg.loaded_start, st.start_ns)
+        rec.flags = FROM_PROC
+        cmd = self.proc.cmdline(st.pid)
+        rec.image = (st.comm, sys.intern(cmd) if cmd is not None and len(cmd) <= 256 else cmd)
+        rec.threads = st.num_threads if threads is None else threads
+        rec.exec_ns = -1  # unknown: it may run its parent's image or another
+        parent = self._live.get(st.ppid)
+        if parent is not None and parent.start_ns <= st.start_ns + IDENTITY_TOLERANCE_NS:
+            rec.parent = parent
+            rec.depth = parent.depth + 1
+            first = parent.first_child
+            if first is not None:
+                first.prev_sib = rec
+                rec.next_sib = first
+            parent.first_child = rec
+            parent.nforks += 1
+            parent.nlive += 1
+        self._add(rec)
+        return rec
 
-    def _top_cgroups(self) -> list[str]:
-        cgs = sorted(self._members)
-        tops: list[str] = []
-        for cg in cgs:
-            if not any(_within(cg, t) for t in tops):
-                tops.append(cg)
-        return tops
-
-    def _sync(self, tops: list[str], mark_gone: bool) -> int:
+    # -- after each burst of events ----------------------------------------------------------
+    def flush(self) -> None:
+        """Read the images queued by the last burst, as far as the rate budget allows (an exec
+        storm degrades to unnamed records, never to a /proc read per event)."""
+        if not self._images:
+            return
+        todo, self._images = self._images, []
         now = self.clock()
-        found, walked = self._scan(tops)
-        if mark_gone:
-            for cg in walked:
-                for rec in list(self._members.get(cg, ())):
-                    if not rec.alive or rec.flags & FREED:
-                        continue
-                    hit = found.get(rec.tgid)
-                    if hit is not None and procfs.same_process(hit[0], rec.start_ns, IDENTITY_TOLERANCE_NS):
-                        rec.threads = hit[0].num_threads
-                        if hit[1] != rec.cgroup:
-                            self._move(rec, sys.intern(hit[1]))
-                        continue
-                    if hit is None:
-                        # Not listed here: exited, or moved elsewhere.
-                        st = self.proc.stat(rec.tgid)
-                        if procfs.same_process(st, rec.start_ns, IDENTITY_TOLERANCE_NS):
-                            cg2 = self.cgroup_of(rec.tgid)
-                            if cg2 is not None and self.in_scope(cg2):
-                                self._move(rec, sys.intern(cg2))
-                            else:
-                                self._detach(rec)
-                            continue
-                    else:
-                        self._stats.pid_reuse += 1
-                    self._end(rec, now)
-        added = 0
-        # Parents start before their children: creating in start order links every pair.
-        for st, cg in sorted(found.values(), key=lambda x: x[0].start_ns):
-            if st.pid in self._live or not self.in_scope(cg):
+        rate = self.image_reads_per_s
+        if now > self._tokens_ts:
+            self._tokens = min(float(rate), self._tokens + (now - self._tokens_ts) * rate / 1e9)
+            self._tokens_ts = now
+        for rec in todo:
+            rec.flags &= ~IMAGE_QUEUED
+            if not rec.alive or rec.flags & FREED or not rec.flags & STALE:
                 continue
-            self._neg.pop(st.pid, None)
-            self._from_stat(st, cg, self.proc.cmdline(st.pid))
-            added += 1
-        return added
+            if self._tokens < 1.0:
+                self._stats.image_reads_skipped += 1
+                continue
+            self._tokens -= 1.0
+            self.read_image(rec)
+
+    def read_image(self, rec: Record) -> bool:
+        """Read comm and cmdline of a live record's process, if it is still the same process."""
+        st = self.proc.stat(rec.tgid)
+        self._stats.proc_reads += 1
+        if not procfs.same_process(st, rec.start_ns, IDENTITY_TOLERANCE_NS):
+            return False
+        cmd = self.proc.cmdline(rec.tgid)
+        assert st is not None
+        rec.image = (st.comm, sys.intern(cmd) if cmd is not None and len(cmd) <= 256 else cmd)
+        rec.flags &= ~STALE
+        return True
+
+    def take_activity(self) -> set[str]:
+        """Cgroups whose tracked processes forked, made threads or abandoned children since the
+        last call."""
+        touched, self._touched = self._touched, set()
+        return {cg.path for cg in touched}
 
     # -- aging -------------------------------------------------------------------------------
     def age(self, now_ns: int | None = None, nr_procs: int | None = None, vmstat: Mapping[str, int] | None = None) -> int:
@@ -631,57 +588,57 @@ class LineageTree:
         now = self.clock() if now_ns is None else now_ns
         nr = self.nr_processes_source() if nr_procs is None else nr_procs
         vm = self.vmstat_source() if vmstat is None else vmstat
-        forget = True
-        if nr > self._last_nr:
-            forget = False
+        forget = nr <= self._last_nr
         self._last_nr = nr
         pageout = int(vm.get("pageoutrun", 0))
-        if pageout != self._last_pageout:
-            forget = False
+        forget = forget and pageout == self._last_pageout
         self._last_pageout = pageout
         stall = sum(int(v) for k, v in vm.items() if k.startswith("allocstall"))
-        if stall != self._last_allocstall:
-            forget = False
+        forget = forget and stall == self._last_allocstall
         self._last_allocstall = stall
 
         self._stats.aging_runs += 1
         self.incomplete.clear()
-        # Scope may have changed and pids were recycled: start the negative cache afresh.
+        # Scope may have changed and pids were recycled: start the negative families afresh.
         self._neg.clear()
-        forgotten = 0
-        if forget:
-            thresh = now - self.reset_interval_ns
-            before = self._nrec
-            kept = []  # detached processes whose records stay as placeholders
-            for rec in list(postorder(self._all_roots())):
-                if rec.flags & FREED or rec.start_ns >= thresh:
-                    continue
-                if rec.alive:
-                    self._detach(rec)
-                    kept.append(rec)
-                elif rec.first_child is None:
-                    self._free(rec)
-            # Freed records (with the placeholders freed on the way up) and detached ones.
-            forgotten = before - self._nrec + sum(1 for r in kept if not r.flags & FREED)
-            self._stats.forgotten_total += forgotten
-        for table in (self.deep_fork_ns, self.wide_fork_ns):
-            for cg in [cg for cg in table if cg not in self._members]:
-                del table[cg]
+        for cg in list(self._cg.values()):
+            while cg.abandons and cg.abandons[0][0] < now - self.abandon_window_ns:
+                cg.abandons.popleft()
+            if not cg.members and not cg.abandons:
+                del self._cg[cg.path]
+        if not forget:
+            return 0
+        thresh = now - self.reset_interval_ns
+        before = self._nrec
+        kept = []  # detached processes whose records stay as placeholders
+        for rec in list(postorder(self._all_roots())):
+            if rec.flags & FREED or rec.start_ns >= thresh:
+                continue
+            if rec.alive:
+                self._detach(rec)
+                kept.append(rec)
+            elif rec.first_child is None:
+                self._free(rec)
+        # Freed records (with the placeholders freed on the way up) and detached ones.
+        forgotten = before - self._nrec + sum(1 for r in kept if not r.flags & FREED)
+        self._stats.forgotten_total += forgotten
         return forgotten
 
     def _all_roots(self) -> list[Record]:
-        return [r for s in self._members.values() for r in s if r.parent is None]
+        return [r for cg in self._cg.values() for r in cg.members if r.parent is None]
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, tgid: int) -> Record | None:
         """The live record of ``tgid``, if tracked."""
         return self._live.get(tgid)
 
+    def cgstats(self, cgroup: str, subtree: bool = True) -> list[CgStat]:
+        return [cg for path, cg in list(self._cg.items()) if within(path, cgroup, subtree)]
+
     def records_in(self, cgroup: str, subtree: bool = True) -> Iterator[Record]:
         """Records (live and placeholders) whose cgroup is ``cgroup`` or, with ``subtree``, below it."""
-        for cg, recs in list(self._members.items()):
-            if _within(cg, cgroup, subtree):
-                yield from list(recs)
+        for cg in self.cgstats(cgroup, subtree):
+            yield from list(cg.members)
 
     def forest(self, cgroup: str, subtree: bool = True) -> tuple[set[Record], list[Record]]:
         """The cgroup's records and their roots (records whose parent is untracked or outside
@@ -689,62 +646,46 @@ class LineageTree:
         members = set(self.records_in(cgroup, subtree))
         return members, sorted((r for r in members if r.parent not in members), key=lambda r: r.start_ns)
 
-    def roots(self, cgroup: str, subtree: bool = True) -> list[Record]:
-        return self.forest(cgroup, subtree)[1]
+    def tasks_in(self, cgroup: str) -> int:
+        """Tracked tasks (threads) of the cgroup's subtree, from the event counts."""
+        return sum(cg.tasks for cg in self.cgstats(cgroup))
+
+    def births_in(self, cgroup: str) -> int:
+        return sum(cg.births for cg in self.cgstats(cgroup))
+
+    def loaded_start(self, cgroup: str) -> int:
+        """Newest start time of a process the tree knows only from /proc in the cgroup's subtree:
+        a family that began before it may have members whose lineage is lost."""
+        return max((cg.loaded_start for cg in self.cgstats(cgroup)), default=0)
 
     def is_incomplete(self, cgroup: str) -> bool:
-        """True if a resync since the last aging run touched the cgroup, its subtree or an
+        """True if a rescan since the last aging run touched the cgroup, its subtree or an
         ancestor: lineage lost with the events is missing there."""
-        return any(_within(cgroup, c) or _within(c, cgroup) for c in self.incomplete)
+        return any(within(cgroup, c) or within(c, cgroup) for c in self.incomplete)
 
     def live_members(self, record: Record) -> list[tuple[int, int]]:
         """Identities of the live processes of ``record``'s subtree, the record itself included."""
         return [r.identity for r in walk(record) if r.alive]
 
-    def take_activity(self) -> set[str]:
-        """Cgroups whose processes forked since the last call."""
-        touched, self._touched = self._touched, set()
-        return touched
-
-    def deep_forks_since(self, cgroup: str, subtree: bool = True) -> int | None:
-        """When a fork in the cgroup (subtree) last reached ``hot_clone_depth`` clone
-        generations, or None if none did while its records were kept."""
-        ts = [t for cg, t in self.deep_fork_ns.items() if _within(cg, cgroup, subtree)]
-        return max(ts) if ts else None
-
-    def wide_forks_since(self, cgroup: str, subtree: bool = True) -> int | None:
-        """When a fork in the cgroup (subtree) last reached ``wide_clone_depth`` clone generations."""
-        ts = [t for cg, t in self.wide_fork_ns.items() if _within(cg, cgroup, subtree)]
-        return max(ts) if ts else None
-
-    def count_in(self, cgroup: str, subtree: bool = True) -> int:
-        """Records (live and placeholders) kept for the cgroup (subtree), without walking them."""
-        return sum(len(m) for cg, m in self._members.items() if _within(cg, cgroup, subtree))
-
     def describe(self, rec: Record) -> tuple[str | None, str | None]:
-        """(comm, cmdline), read from /proc once if the record exec'd and was not read yet.
+        """(comm, cmdline) of what ``rec`` runs, read from /proc if it was not yet.
 
-        A record that never exec'd runs its parent's image, so it takes its parent's answer.
+        A record that never exec'd since its fork runs its parent's image, so it takes its
+        parent's answer; a dead record whose image was never read takes a live clone's (a
+        bomb's members are copies of its origin, and one of them is alive).
         """
-        if not rec.flags & STALE:
-            return rec.comm, rec.cmdline
-        # Clone chains of a bomb run thousands of generations deep: walk up, not recurse.
-        chain = [rec]
-        top = rec
-        while top.flags & STALE and top.exec_ns is None and top.parent is not None:
-            top = top.parent
-            chain.append(top)
-        if top.flags & STALE:
-            if top.alive:
-                st = self.proc.stat(top.tgid)
-                if procfs.same_process(st, top.start_ns, IDENTITY_TOLERANCE_NS):
-                    top.comm = st.comm
-                    top.cmdline = self._intern_cmdline(self.proc.cmdline(top.tgid))
-            top.flags &= ~STALE
-        for r in chain:
-            r.comm, r.cmdline = top.comm, top.cmdline
-            r.flags &= ~STALE
-        return rec.comm, rec.cmdline
+        r = rec
+        while r.image is None and r.exec_ns is None and r.parent is not None:
+            r = r.parent
+        if r.image is None and r.alive and r.flags & STALE:
+            self.read_image(r)
+        # A zombie's /proc has its comm but no command line: ask a live clone (a bomb's members
+        # are copies of its origin, and one of them is alive).
+        if (r.image is None or r.image[1] is None) and not (r.alive and r.image):
+            for c in walk(r, lambda c: c.exec_ns is None):
+                if c is not r and c.alive and self.read_image(c) and c.image and c.image[1]:
+                    return c.image
+        return r.image or (None, None)
 
     @property
     def stats(self) -> TreeStats:
@@ -756,12 +697,9 @@ class LineageTree:
         s.incomplete = tuple(sorted(self.incomplete))
         return s
 
-    def stats_dict(self) -> dict:
-        return self.stats.as_dict()
-
 
 # -- walks and the seed's score (pure) -----------------------------------------------------
-def _within(cg: str, top: str, subtree: bool = True) -> bool:
+def within(cg: str, top: str, subtree: bool = True) -> bool:
     """Is cgroup ``cg`` the cgroup ``top`` or (with ``subtree``) below it? "" is the root."""
     top = top.strip("/")
     return cg == top or (subtree and (not top or cg.startswith(top + "/")))
@@ -780,8 +718,8 @@ def walk(root: Record, keep: Callable[[Record], object] | None = None) -> Iterat
             c = c.next_sib
 
 
-def postorder(roots: Iterable[Record], within: set[Record] | None = None) -> Iterator[Record]:
-    """Children before parents (the seed's scan order), optionally restricted to ``within``."""
+def postorder(roots: Iterable[Record], within_set: set[Record] | None = None) -> Iterator[Record]:
+    """Children before parents (the seed's scan order), optionally restricted to ``within_set``."""
     for root in roots:
         stack: list[tuple[Record, bool]] = [(root, False)]
         while stack:
@@ -792,18 +730,19 @@ def postorder(roots: Iterable[Record], within: set[Record] | None = None) -> Ite
             stack.append((r, True))
             c = r.first_child
             while c is not None:
-                if within is None or c in within:
+                if within_set is None or c in within_set:
                     stack.append((c, False))
                 c = c.next_sib
 
 
 def seed_scores(
-    roots: Iterable[Record], within: set[Record] | None, badness: Callable[[int], int] | None
+    roots: Iterable[Record], within_set: set[Record] | None, badness: Callable[[int], int] | None
 ) -> dict[Record, tuple[int, int]]:
-    """The seed killer's (score, family) per record: score = own OOM badness (0 for a
-    placeholder) + children's scores + 1 per live child; family = live processes under it."""
+    """The seed killer's (score, family) per record: score = own OOM badness (0 for a placeholder,
+    or without ``badness``) + children's scores + 1 per live child; family = live processes
+    under it. Without badness the score is the number of live descendants."""
     out: dict[Record, tuple[int, int]] = {}
-    for r in postorder(roots, within):
+    for r in postorder(roots, within_set):
         score = badness(r.tgid) if (badness is not None and r.alive) else 0
         family = 0
         c = r.first_child
@@ -815,3 +754,4 @@ def seed_scores(
             c = c.next_sib
         out[r] = (score, family)
     return out
+

@@ -3,87 +3,88 @@ tests/integration/test_lineage_live.py."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from cgguard.agent.status import tree_json
-from cgguard.state.lineage import FORGOTTEN, FREED, nr_processes, read_vmstat
+from cgguard.state.lineage import FORGOTTEN, FREED, RESIGHT_EVERY, nr_processes, read_vmstat
 from lineage_sim import MS, S, FakeProcess, Sim, consistent
 
-def test_fork_of_known_parent_inherits_and_links():
+
+# -- forks, execs, exits ---------------------------------------------------------------------
+def test_fork_of_known_parent_links_and_counts():
     sim = Sim()
     sh = sim.start("bash", "bash -l")
     kid = sim.fork(sh)
     t = sim.tree
     r, p = t.get(kid), t.get(sh)
-    assert r.parent is p and r.depth == p.depth + 1
-    assert (r.comm, r.cmdline, r.cgroup) == ("bash", "bash -l", "sim")
-    assert r.exec_ns is None and r.cloned() and r.cdepth == p.cdepth + 1
-    assert p.nforks == 1 and p.last_fork_ns == r.start_ns
+    assert r.parent is p and r.depth == p.depth + 1 and r.cgroup == "sim"
+    assert r.exec_ns is None, "a fork runs its parent's image until it execs"
+    assert p.nforks == 1 and p.nlive == 1 and p.last_fork_ns == r.start_ns
     assert r.identity == (kid, r.start_ns)
+    assert t.describe(r) == ("bash", "bash -l")  # a clone answers with its parent's image
     consistent(t)
 
 
-def test_no_proc_reads_on_forks_of_known_parents():
+def test_forks_and_execs_read_nothing_from_proc():
+    """The hot path: a binary tree of clones and a shell running 200 commands that never fork."""
     sim = Sim()
     sh = sim.start("bash", "bash")
+    sim.tree.flush()
     before = sim.proc.reads
     frontier = [sh]
-    for _ in range(8):
+    for _ in range(6):
         frontier = [sim.fork(p) for p in frontier for _ in range(2)]
+    for _ in range(200):
+        c = sim.spawn(sh, "true", "/bin/true")
+        sim.exit(c)
+    sim.tree.flush()
     assert sim.proc.reads == before
-    assert sim.tree.stats.live == 1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256
+    assert sim.tree.stats.live == 1 + 2 + 4 + 8 + 16 + 32 + 64
 
 
-def test_exec_rereads_comm_cmdline_and_cgroup():
+def test_image_is_read_when_an_execed_process_forks():
     sim = Sim()
     sh = sim.start("bash", "bash")
     kid = sim.fork(sh)
-    sim.procs[kid].cgroup = "sim/job"  # moved between fork and exec
     sim.exec(kid, "make", "make -j8")
-    r = sim.tree.get(kid)
-    assert (r.comm, r.cmdline, r.cgroup) == ("make", "make -j8", "sim/job")
-    assert r.exec_ns is not None and not r.cloned() and r.cdepth == 0
-    assert [x.tgid for x in sim.tree.records_in("sim/job")] == [kid]
-    assert {x.tgid for x in sim.tree.records_in("sim")} == {sh, kid}
-    assert [x.tgid for x in sim.tree.records_in("sim", subtree=False)] == [sh]
-    consistent(sim.tree)
-
-
-def test_exec_into_the_same_program_counts_as_a_clone():
-    sim = Sim()
-    a = sim.start("bomb.sh", "bash ./bomb.sh")
-    b = sim.fork(a)
-    sim.exec(b, "bomb.sh", "bash ./bomb.sh")
-    assert sim.tree.get(b).cloned() and sim.tree.get(b).cdepth == 1
-    c = sim.fork(a)
-    sim.exec(c, "make", "make -C sub")
-    assert not sim.tree.get(c).cloned()
-
-
-def test_exec_out_of_scope_stops_tracking():
-    sim = Sim()
-    sh = sim.start("bash", "bash")
-    kid = sim.fork(sh)
-    sim.procs[kid].cgroup = "elsewhere"
-    sim.exec(kid, "sleep", "sleep 1")
-    assert sim.tree.get(kid) is None
-    sim.fork(kid)  # its children are outside too and cost no /proc read
-    reads = sim.proc.reads
-    sim.fork(kid)
-    assert sim.proc.reads == reads
-    consistent(sim.tree)
-
-
-def test_exec_storm_beyond_budget_reads_lazily():
-    sim = Sim(tree_kwargs={"exec_reads_per_s": 10})
-    sh = sim.start("bash", "bash")
-    kids = [sim.spawn(sh, "true", "true", dt=1000) for _ in range(50)]
     t = sim.tree
-    assert t.stats.exec_reads_skipped >= 30
-    lazy = [t.get(k) for k in kids if t.get(k).comm is None]
-    assert lazy, "some execs must have been left for later"
-    assert t.describe(lazy[0]) == ("true", "true")
+    t.flush()
+    r = t.get(kid)
+    assert r.image is None, "exec reads nothing"
+    sim.fork(kid)  # it forks: it may be a family's origin
+    reads = sim.proc.reads
+    t.flush()
+    assert sim.proc.reads == reads + 1 and r.image == ("make", "make -j8")
+    sim.fork(kid)
+    t.flush()
+    assert sim.proc.reads == reads + 1, "read once per image"
+
+
+def test_image_reads_are_rate_limited_and_then_lazy():
+    sim = Sim(tree_kwargs={"image_reads_per_s": 10})
+    sh = sim.start("bash", "bash")
+    forkers = []
+    for _ in range(50):
+        k = sim.spawn(sh, "sh", "sh -c job", dt=1000)
+        sim.fork(k, dt=1000)
+        forkers.append(k)
+    t = sim.tree
+    t.flush()
+    assert t.stats.image_reads_skipped >= 30
+    unread = [t.get(k) for k in forkers if t.get(k).image is None]
+    assert unread, "an exec storm degrades to unnamed records"
+    assert t.describe(unread[0]) == ("sh", "sh -c job")  # named on demand
+
+
+def test_dead_origin_is_named_from_a_live_clone():
+    sim = Sim()
+    sh = sim.start("bash", "bash")
+    bomb = sim.spawn(sh, "bash", "bash -c :(){ :|:& };:")
+    kid = sim.fork(bomb)  # a clone: same image
+    sim.exit(bomb)  # gone before anyone read its image
+    r = sim.tree.get(kid).parent
+    assert not r.alive and r.image is None
+    assert sim.tree.describe(r) == ("bash", "bash -c :(){ :|:& };:")
 
 
 def test_exit_frees_childless_and_keeps_placeholders():
@@ -94,7 +95,7 @@ def test_exit_frees_childless_and_keeps_placeholders():
     t = sim.tree
     ra = t.get(a)
     sim.exit(a)
-    assert not ra.alive and ra.exit_ns is not None and t.stats.placeholders == 1
+    assert not ra.alive and ra.exit_ns and t.stats.placeholders == 1
     assert list(ra.children())[0].tgid == b
     sim.exit(b)
     # b freed, then its parent placeholder a became childless and is freed too.
@@ -103,6 +104,70 @@ def test_exit_frees_childless_and_keeps_placeholders():
     consistent(t)
 
 
+# -- abandonment ---------------------------------------------------------------------------
+def test_a_parent_that_waits_abandons_nothing():
+    sim = Sim()
+    sh = sim.start("bash", "bash")
+    kids = [sim.fork(sh) for _ in range(4)]
+    for k in kids:
+        sim.exit(k)
+    sim.exit(sh)
+    cg = sim.tree.cgstat("sim")
+    assert not cg.abandons
+
+
+def test_abandoning_generations_add_up_down_a_pipe_bomb():
+    """f(){ f|f & }; f: each member forks two copies and exits at once."""
+    sim = Sim()
+    frontier = [sim.start("bash", "bash -c f")]
+    for _ in range(5):
+        nxt = []
+        for p in frontier:
+            nxt += [sim.fork(p), sim.fork(p)]
+            sim.exit(p)
+        frontier = nxt
+    depths = sorted(d for _, d, _ in sim.tree.cgstat("sim").abandons)
+    assert depths[-1] == 5 and depths.count(1) == 1 and len(depths) == 1 + 2 + 4 + 8 + 16
+    consistent(sim.tree)
+
+
+def test_abandoning_counts_through_living_generations():
+    """setsid + double fork: members live on and loop, the intermediates exit at once."""
+    sim = Sim()
+    member = sim.start("python3", "python3 bomb.py")
+    for _ in range(4):
+        mid = sim.fork(member)
+        member = sim.fork(mid)
+        sim.exit(mid)  # abandons the new member
+    depths = [d for _, d, _ in sim.tree.cgstat("sim").abandons]
+    assert depths == [1, 2, 3, 4]
+
+
+def test_old_abandonment_does_not_count():
+    sim = Sim(tree_kwargs={"abandon_window_ns": 1 * S})
+    a = sim.start("bash", "bash")
+    b = sim.fork(a)
+    sim.exit(a)
+    sim.tick(5 * S)
+    c = sim.fork(b)
+    sim.exit(b)
+    sim.fork(c)
+    assert [d for _, d, _ in sim.tree.cgstat("sim").abandons] == [1, 1]
+
+
+def test_daemonizing_double_fork_is_two_generations():
+    sim = Sim()
+    sh = sim.start("sshd", "sshd")
+    first = sim.fork(sh)
+    second = sim.fork(first)
+    sim.exit(first)
+    daemon = sim.fork(second)
+    sim.exit(second)
+    assert max(d for _, d, _ in sim.tree.cgstat("sim").abandons) == 2
+    assert sim.tree.get(daemon) is not None
+
+
+# -- identities -----------------------------------------------------------------------------
 def test_pid_reuse_never_merges_identities():
     sim = Sim()
     sh = sim.start("bash", "bash")
@@ -118,44 +183,42 @@ def test_pid_reuse_never_merges_identities():
     sim.tree.on_fork(sim.t, sh, sh, a, a)
     new = sim.tree.get(a)
     assert new is not old and new.start_ns != old.start_ns
-    assert not old.alive and old.exit_ns is not None
+    assert not old.alive and old.exit_ns
     assert [c.tgid for c in old.children()] == [b], "the old identity keeps its own children"
     assert new.first_child is None
     assert sim.tree.stats.pid_reuse == 1
-    assert {r.identity for r in sim.tree.records_in("sim") if r.alive} == {
-        sim.tree.get(sh).identity,
-        new.identity,
-        sim.tree.get(b).identity,
-    }
+    live = {r.identity for r in sim.tree.records_in("sim") if r.alive}
+    assert live == {sim.tree.get(sh).identity, new.identity, sim.tree.get(b).identity}
     consistent(sim.tree)
 
 
-def test_pid_reuse_seen_at_exec_by_start_time():
-    sim = Sim()
-    sh = sim.start("bash", "bash")
-    a = sim.fork(sh)
-    old = sim.tree.get(a)
-    # Both a's exit and the fork of a new process with the same pid were lost.
-    del sim.procs[a]
-    sim.tick(S)
-    sim.procs[a] = FakeProcess(a, sh, sim.t, "bash", "bash", "sim")
-    sim.exec(a, "sleep", "sleep 9")
-    new = sim.tree.get(a)
-    assert new is not old and new.comm == "sleep" and old.flags & FREED
-    assert sim.tree.stats.pid_reuse == 1
-
-
-def test_threads_are_counted_not_recorded():
+def test_threads_count_as_tasks_not_records():
     sim = Sim()
     py = sim.start("python3", "python3 app.py")
+    births = sim.tree.births_in("sim")
     tids = [sim.thread(py) for _ in range(5)]
     r = sim.tree.get(py)
     assert r.threads == 6 and r.nforks == 0 and sim.tree.stats.records == 1
+    assert sim.tree.tasks_in("sim") == 6 and sim.tree.births_in("sim") == births + 5
     for tid in tids[:2]:
         sim.thread_exit(py, tid)
-    assert r.threads == 4
+    assert r.threads == 4 and sim.tree.tasks_in("sim") == 4
+    consistent(sim.tree)
 
 
+def test_counts_per_cgroup_follow_forks_exits_and_moves():
+    sim = Sim()
+    sh = sim.start("bash", "bash", cgroup="sim/a")
+    kids = [sim.fork(sh) for _ in range(3)]
+    t = sim.tree
+    assert t.tasks_in("sim/a") == 4 and t.tasks_in("sim") == 4
+    sim.exit(kids[0])
+    t.move(t.get(kids[1]), "sim/b")
+    assert (t.tasks_in("sim/a"), t.tasks_in("sim/b"), t.tasks_in("sim")) == (2, 1, 3)
+    consistent(t)
+
+
+# -- scope ------------------------------------------------------------------------------------
 def test_unknown_parent_in_scope_gets_a_record_once():
     sim = Sim()
     # A shell that was in the cgroup before the tree started listening.
@@ -163,22 +226,41 @@ def test_unknown_parent_in_scope_gets_a_record_once():
     kid = sim.fork(sh)
     t = sim.tree
     p = t.get(sh)
-    assert p is not None and p.comm == "bash" and p.cmdline == "bash -i"
-    assert t.get(kid).parent is p
+    assert p is not None and t.get(kid).parent is p
+    t.flush()
+    assert t.describe(p) == ("bash", "bash -i")
     reads = sim.proc.reads
     sim.fork(sh)
+    t.flush()
     assert sim.proc.reads == reads
 
 
-def test_storm_outside_scope_costs_one_lookup():
+def test_storm_outside_scope_costs_no_stat_reads():
     sim = Sim()
     out = sim._new(sim.outside, "bash", "bash", "user.slice")
     frontier = [out]
-    for _ in range(8):
+    for _ in range(7):
         frontier = [sim.fork(p) for p in frontier for _ in range(2)]
     assert sim.tree.stats.records == 0
-    assert sim.proc.reads == 0  # only cgroup_of(out), which is not a /proc stat read
+    assert sim.proc.reads == 0  # only cgroup_of(out), which is not a stat read
     assert sim.tree.stats.negative_cache > 0
+
+
+def test_a_family_moved_into_scope_is_found_within_a_few_hundred_forks():
+    """A runtime forks outside, moves the process into the container's cgroup, and it forks on."""
+    sim = Sim()
+    shim = sim._new(sim.outside, "shim", "containerd-shim", "system.slice/containerd.service")
+    init = sim.fork(shim)
+    sim.fork(init)  # seen as an outsider's family
+    sim.procs[init].cgroup = "sim/ctr"  # moved into the watched cgroup, events say nothing
+    kids = [sim.fork(init) for _ in range(RESIGHT_EVERY)]
+    t = sim.tree
+    assert t.get(init) is not None and t.get(init).cgroup == "sim/ctr"
+    assert t.stats.resights >= 1
+    later = sim.fork(init)
+    assert t.get(later).parent is t.get(init)
+    assert t.get(kids[0]) is None  # forked before the re-check: found by adoption, not here
+    consistent(t)
 
 
 def test_parent_gone_child_becomes_root():
@@ -191,6 +273,7 @@ def test_parent_gone_child_becomes_root():
     gk = sim.fork(kid)
     r = sim.tree.get(kid)
     assert r is not None and r.parent is None and sim.tree.get(gk).parent is r
+    sim.tree.flush()
     assert sim.tree.describe(r) == ("bash", "bash")
 
 
@@ -276,12 +359,13 @@ def test_aging_uses_the_current_interval_and_frees_placeholders_bottom_up():
     consistent(t)
 
 
-def test_aging_clears_incomplete_marks():
+def test_aging_clears_incomplete_marks_and_old_abandonments():
     sim, _ = aged_sim()
-    sim.tree.resync(["sim"])
+    sim.resync(["sim"])
     assert sim.tree.stats.incomplete == ("sim",)
     sim.tree.age()
     assert sim.tree.stats.incomplete == ()
+    assert not sim.tree.cgstat("sim").abandons  # a's abandonment is 40 s old
 
 
 def test_default_calm_sources_read_the_kernel():
@@ -290,22 +374,22 @@ def test_default_calm_sources_read_the_kernel():
     assert nr_processes() > 1
 
 
-# -- start-up and resync ---------------------------------------------------------------------
-def test_load_from_proc_links_known_parents():
+# -- start-up, loss, adoption ---------------------------------------------------------------
+def test_load_from_proc_links_known_parents_and_marks_what_it_loaded():
     sim = Sim()
     sim.deliver = False
     sh = sim.start("bash", "bash")
     a = sim.fork(sh)
     a1 = sim.fork(a)
-    other = sim.spawn(sh, "sleep", "sleep 60")
+    sim.spawn(sh, "sleep", "sleep 60")
     sim.deliver = True
-    assert sim.tree.load_from_proc(["sim"]) == 4
+    assert sim.load() == 4
     t = sim.tree
     assert t.get(a).parent is t.get(sh) and t.get(a1).parent is t.get(a)
-    assert t.get(a).cloned() and not t.get(other).cloned()
-    assert [r.tgid for r in t.roots("sim")] == [sh]
+    assert [r.tgid for r in t.forest("sim")[1]] == [sh]
+    assert t.loaded_start("sim") > 0
     # The FORK event of a process the scan already saw is not a pid reuse.
-    sim.tree.on_fork(sim.procs[a1].start_ns + 2 * MS, a, a, a1, a1)
+    t.on_fork(sim.procs[a1].start_ns + 2 * MS, a, a, a1, a1)
     assert t.stats.pid_reuse == 0
     consistent(t)
 
@@ -322,16 +406,28 @@ def test_resync_after_loss_restores_consistency():
     sim.exit(kids[1])
     new = [sim.fork(kids[2]) for _ in range(3)]
     sim.deliver = True
-    sim.tree.resync()
+    sim.resync()
     t = sim.tree
     assert not t.loss_pending and t.stats.incomplete == ("sim",)
-    live_fake = {(p.pid) for p in sim.procs.values() if p.cgroup == "sim"}
+    live_fake = {p.pid for p in sim.procs.values() if p.cgroup == "sim"}
     live_tree = {r.tgid for r in t.records_in("sim") if r.alive}
     assert live_tree == live_fake
     assert t.get(grand).parent.tgid == kids[0] and not t.get(grand).parent.alive
     for n in new:
         assert t.get(n).parent is t.get(kids[2])
     consistent(t)
+
+
+def test_adopt_tracks_processes_moved_in_after_their_fork():
+    sim = Sim()
+    sim.start("bash", "bash")
+    runner = sim._new(sim.outside, "runc", "runc init", "system.slice")
+    sim.procs[runner].cgroup = "sim"  # moved in; nothing in the event stream says so
+    assert sim.tree.get(runner) is None
+    assert sim.adopt() == 1
+    assert sim.tree.get(runner) is not None
+    assert sim.adopt() == 0
+    consistent(sim.tree)
 
 
 # -- queries -------------------------------------------------------------------------------
@@ -342,17 +438,44 @@ def test_queries_and_json():
     b = sim.fork(a)
     sim.exit(a)
     c = sim.spawn(sh, "sleep", "sleep 5")
+    sim.fork(c)
     t = sim.tree
+    t.flush()
     rsh = t.get(sh)
-    assert set(t.live_members(rsh)) == {t.get(x).identity for x in (sh, b, c)}
+    assert set(t.live_members(rsh)) == {t.get(x).identity for x in (sh, b, c)} | {
+        r.identity for r in t.records_in("sim") if r.alive and r.parent is t.get(c)
+    }
     doc = tree_json(t, "sim", badness=lambda pid: 7)
     (root,) = doc["forest"]
-    assert root["pid"] == sh and root["family"] == 2 and root["depth"] == 0
-    # seed score: own 7 + children's scores + 1 per live child
-    assert root["score"] == 7 + (7 + 0) + 1 + (0 + 7 + 1)
+    assert root["pid"] == sh and root["family"] == 3 and root["depth"] == 0
     kids = {k["pid"]: k for k in root["children"]}
     assert kids[a]["placeholder"] and not kids[a]["alive"] and kids[a]["children"][0]["pid"] == b
     assert kids[c]["comm"] == "sleep"
-    st = t.stats_dict()
-    assert st["records"] == 4 and st["live"] == 3 and st["placeholders"] == 1
+    # seed score: own badness 7 + children's scores + 1 per live child
+    assert kids[a]["score"] == 0 + (7 + 0) + 1  # a placeholder: no badness of its own
+    st = t.stats
+    assert st.records == 5 and st.live == 4 and st.placeholders == 1
     assert t.take_activity() == {"sim"} and t.take_activity() == set()
+
+
+def test_an_outsider_that_execs_is_checked_at_its_first_fork():
+    """The sandbox's (and runc's) way: fork outside, move into the cgroup, exec, then fork."""
+    sim = Sim()
+    sim.start("sleep", "sleep 60")  # the cgroup is populated already: no populated event
+    spawner = sim._new(sim.outside, "python3", "pytest", "user.slice")
+    child = sim.fork(spawner)  # an outsider's child
+    sim.procs[child].cgroup = "sim"
+    sim.exec(child, "bash", "bash -c bomb")
+    assert sim.tree.get(child) is None
+    first = sim.fork(child)
+    t = sim.tree
+    assert t.get(child) is not None and t.get(first).parent is t.get(child)
+    assert t.describe(t.get(child)) == ("bash", "bash -c bomb")
+    # An outsider that execs and stays outside costs one read at its first fork, then none.
+    out = sim.fork(spawner)
+    sim.exec(out, "make", "make")
+    reads = sim.proc.reads
+    for _ in range(20):
+        sim.fork(out)
+    assert sim.proc.reads == reads
+    consistent(t)
