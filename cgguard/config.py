@@ -10,7 +10,7 @@ import fnmatch
 import os
 import re
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -68,11 +68,59 @@ class Rule(_Model):
     action: Action = Field(description="What to do with a bomb found in a matching cgroup.")
 
 
-class KillBudget(_Model):
-    """Stops a detector gone wrong from emptying a node: at most N actions per window."""
+class AllowRule(_Model):
+    """An allow-list entry, answering "will this kill make?": origins that may replicate deeper
+    (relax: lineage evidence alone does not decide; budget and trajectory still protect the node)
+    or may not be acted on at all (exempt: recorded as allowed, never removed)."""
 
-    max_actions: int = Field(5, ge=1, description="Actions allowed per window; further verdicts are only reported.")
-    per_seconds: float = Field(60.0, gt=0, description="Length of the budget window in seconds.")
+    match: Glob = Field("**", description="Glob of cgroups where the rule applies.")
+    exe: str | None = Field(None, description="Regex the origin's executable path must fully match.")
+    comm: str | None = Field(None, description="Regex the origin's comm must fully match.")
+    cmdline: str | None = Field(None, description="Regex searched in the origin's command line.")
+    mode: Literal["relax", "exempt"] = Field("relax", description="relax: only budget rules can remove it; exempt: nothing does.")
+
+    @field_validator("exe", "comm", "cmdline")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> "AllowRule":
+        if self.exe is None and self.comm is None and self.cmdline is None:
+            raise ValueError("an allow rule needs exe, comm or cmdline")
+        return self
+
+    def describe(self) -> str:
+        what = ", ".join(f"{k}~{v!r}" for k, v in (("exe", self.exe), ("comm", self.comm), ("cmdline", self.cmdline)) if v)
+        return f"allow rule ({self.mode}: {what} in {self.match})"
+
+    def matches(self, cgroup: str, exe: str | None, comm: str | None, cmdline: str | None) -> bool:
+        if not glob_match(self.match, cgroup):
+            return False
+        if self.exe is not None and (exe is None or not re.fullmatch(self.exe, exe)):
+            return False
+        if self.comm is not None and (comm is None or not re.fullmatch(self.comm, comm)):
+            return False
+        if self.cmdline is not None and (cmdline is None or not re.search(self.cmdline, cmdline)):
+            return False
+        return True
+
+
+class KillBudget(_Model):
+    """Stops a detector gone wrong from emptying a node: at most N kills per tenant (pod, user,
+    service) per window, and M for the whole node. A runaway past the budget is frozen, not left
+    to grow, and reported; a tenant's bombs never spend another tenant's budget."""
+
+    max_actions: int = Field(5, ge=1, le=10_000, description="Kills allowed per tenant per window; further runaways are frozen and reported.")
+    per_seconds: float = Field(60.0, gt=0, le=86_400, allow_inf_nan=False, description="Length of the budget window in seconds.")
+    node_max_actions: int = Field(
+        50, ge=1, le=100_000, description="Kills allowed on the whole node per window, all tenants together."
+    )
 
 
 class Sampling(_Model):
@@ -82,11 +130,17 @@ class Sampling(_Model):
     slow_interval_ms: int = Field(1000, ge=100, le=60000, description="Interval while a cgroup is calm.")
     calm_after_ms: int = Field(2000, ge=100, description="Stay fast this long after the last growth.")
     calm_backoff_max_ms: int = Field(
-        4000,
+        16000,
         ge=100,
         le=60000,
         description="With the proc connector on, an unchanged calm cgroup is sampled ever more rarely, up to this; "
         "a fork in it wakes it at once.",
+    )
+    max_open_files: int = Field(
+        1024,
+        ge=0,
+        le=1_000_000,
+        description="cgroupfs files kept open for fast re-reads (the rest are opened per read); bounds the agent's descriptors.",
     )
 
     @model_validator(mode="after")
@@ -98,54 +152,83 @@ class Sampling(_Model):
         return self
 
 
-class GrowthParams(_Model):
-    """Cgroup-level growth: many tasks, multiplied quickly and still rising (not churn or a burst)."""
+class BudgetSettings(_Model):
+    """The task budget of a watched cgroup: its own or an ancestor's pids.max, the v1 pids limit on
+    hybrid hosts, or this default."""
 
-    min_tasks: int = Field(512, ge=8, description="Never flag a cgroup with fewer tasks than this.")
-    window_ms: int = Field(1000, ge=50, description="Window over which growth is measured.")
-    min_factor: float = Field(4.0, gt=1.0, description="Tasks must multiply by at least this within the window.")
-    min_rate_per_s: float = Field(500.0, gt=0, description="Net growth in tasks per second.")
-    rising_samples: int = Field(3, ge=1, description="The count must have risen in each of the last N samples.")
-
-
-class SaturationParams(_Model):
-    """pids.max saturation: a cgroup sitting at its limit (only where pids.max exists)."""
-
-    enabled: bool = Field(True, description="Use this detector.")
-    ratio: float = Field(0.95, gt=0, le=1.0, description="Fraction of pids.max that counts as full.")
-    hold_ms: int = Field(1000, ge=0, description="How long the cgroup must stay full.")
-    min_forks_refused: int = Field(10, ge=0, description="Also require this many refused forks (pids.events max).")
+    default_tasks: int = Field(
+        4096, ge=16, le=4_194_304, description="Budget of a cgroup that no kernel limit applies to (a scale for growth, not a limit)."
+    )
+    use_v1: bool = Field(True, description="On hybrid hosts, read the v1 pids limit of each cgroup's processes (Docker --pids-limit, TasksMax=).")
 
 
-class ForkFailureParams(_Model):
-    """Forks refused at pids.max (pids.events), a rate of them means something keeps retrying."""
+class TrajectoryParams(_Model):
+    """Growth that will not stop short of the budget: past a share of it, still rising, and on course
+    to exhaust it soon. Bounded work stays well below (see the README's detection model)."""
 
     enabled: bool = Field(True, description="Use this detector.")
-    min_failures: int = Field(50, ge=1, description="Refused forks within the window that make a verdict.")
-    window_ms: int = Field(2000, ge=100, description="Window for counting refused forks.")
+    min_usage: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the budget the tasks must hold.")
+    window_ms: int = Field(1000, ge=100, le=60_000, description="Window over which growth is measured.")
+    min_rise: float = Field(
+        0.1, gt=0.0, le=1.0, allow_inf_nan=False, description="Growth within the window, as a share of the budget, that counts as rising."
+    )
+    rising_samples: int = Field(3, ge=1, le=100, description="The cgroup's tasks must have risen in each of the last N samples.")
+    max_eta_ms: int = Field(
+        3000, ge=100, le=3_600_000, description="At the recent rate, the budget would be exhausted within this."
+    )
+    long_window_ms: int = Field(
+        10_000, ge=1000, le=600_000, description="Window for slow, steady growth (must exceed window_ms)."
+    )
+
+    @model_validator(mode="after")
+    def _windows(self) -> "TrajectoryParams":
+        if self.long_window_ms <= self.window_ms:
+            raise ValueError("long_window_ms must exceed window_ms")
+        return self
+
+
+class PinnedParams(_Model):
+    """At its kernel limit with forks being refused: contained by the limit, never finishing."""
+
+    enabled: bool = Field(True, description="Use this detector.")
+    ratio: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the limit that counts as at the limit.")
+    hold_ms: int = Field(300, ge=50, le=60_000, description="How long it must stay there with forks being refused.")
+    min_refused: int = Field(5, ge=1, le=1_000_000, description="Forks refused at the limit within the hold.")
+
+
+class FillHoldParams(_Model):
+    """Filled most of its budget within seconds and holding it while tasks keep being created
+    (fork or thread churn): the shape of a bomb hovering just under its limit."""
+
+    enabled: bool = Field(True, description="Use this detector (needs the proc connector to count task births).")
+    min_usage: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the budget held.")
+    fill_ms: int = Field(10_000, ge=100, le=3_600_000, description="It went from below half the budget to min_usage within this.")
+    hold_ms: int = Field(1000, ge=100, le=60_000, description="How long it must hold min_usage.")
+    min_births_per_s: float = Field(
+        50.0, gt=0.0, le=1e7, allow_inf_nan=False, description="Task births per second while holding (and at least 5% of the budget per second)."
+    )
 
 
 class LineageDetect(_Model):
-    """The seed's rule (worst-scoring record subtree, only with a large enough family) plus replication."""
+    """Lineage signals: a family whose members fork copies and exit at once, generation after
+    generation (the seed's ':(){ :|:& };:'), decided early, well before the budget."""
 
     enabled: bool = Field(True, description="Use this detector (needs lineage tracking).")
-    min_family: int = Field(10, ge=2, description="The seed's floor: smaller families are left to the OOM killer.")
+    min_family: int = Field(10, ge=2, le=1_000_000, description="The seed's floor: smaller families are left alone.")
     min_generations: int = Field(
-        5, ge=2, description="Clone generations in which every member forked (a bomb reaches 5 at ~32 members)."
+        4, ge=2, le=1000, description="Abandoning generations in a row: members that exited while their copies ran on."
     )
-    min_forkers: int = Field(12, ge=2, description="Distinct forking members in the replicating chain.")
-    window_ms: int = Field(5000, ge=50, description="Forks older than this (before the newest fork) do not count.")
-    wide_min_generations: int = Field(3, ge=2, description="Wide replication: clone generations (fork-loop bombs at a cap).")
-    wide_min_forkers: int = Field(64, ge=2, description="Wide replication: distinct forking members.")
-    wide_min_family: int = Field(512, ge=10, description="Wide replication: live descendants.")
+    min_abandoners: int = Field(12, ge=2, le=1_000_000, description="Members that abandoned their children, within the window.")
+    window_ms: int = Field(5000, ge=100, le=3_600_000, description="Abandonments older than this do not count.")
 
 
 class Detect(_Model):
-    """Detector thresholds. Defaults catch a classic bash bomb and spare builds, pools and churn."""
+    """Detector thresholds: the detection model of the README. Defaults remove runaways of every shape
+    and spare bounded work that stays under half its budget."""
 
-    growth: GrowthParams = GrowthParams()
-    saturation: SaturationParams = SaturationParams()
-    fork_failures: ForkFailureParams = ForkFailureParams()
+    trajectory: TrajectoryParams = TrajectoryParams()
+    pinned: PinnedParams = PinnedParams()
+    fill_hold: FillHoldParams = FillHoldParams()
     lineage: LineageDetect = LineageDetect()
 
 
@@ -174,6 +257,7 @@ class Config(_Model):
     dry_run: bool = Field(False, description="Detect and record, never act.")
     action: Action = Field(Action.auto, description="Default action on a verdict.")
     rules: list[Rule] = Field(default_factory=list, description="Per-glob action overrides, first match wins.")
+    allow: list[AllowRule] = Field(default_factory=list, description="Allow-list: origins that may replicate, first match wins.")
     kill_budget: KillBudget = KillBudget()
     surgical_fallback: Action = Field(
         Action.kill_cgroup,
@@ -181,6 +265,7 @@ class Config(_Model):
     )
     remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
     sampling: Sampling = Sampling()
+    budget: BudgetSettings = BudgetSettings()
     detect: Detect = Detect()
     tracking: Tracking = Tracking()
     realtime: bool = Field(True, description="Run the agent at SCHED_RR priority 1 so a bomb cannot starve it.")

@@ -5,6 +5,11 @@ runs a selector over the inotify fd, the proc connector and a wake-up pipe, with
 deadlines as timeouts. Other threads only talk to it through queues and the wake-up pipe: the
 action worker (:mod:`.worker`), the control socket (:mod:`.control`) and readers of the status
 board (:class:`cgguard.state.status.StatusBoard`). Decisions are :func:`.policy.decide`.
+
+A whole-cgroup kill is written from the loop the moment the verdict is final (``cgroup.kill``
+returns at once) and its end is the ``populated 0`` that the watcher's inotify watch on
+``cgroup.events`` already delivers; only surgical kills and freezes, which wait on the kernel
+in several steps, go to the worker.
 """
 
 from __future__ import annotations
@@ -13,17 +18,22 @@ import logging
 import os
 import selectors
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
 from cgguard.act import ActionResult
 from cgguard.attribution import attribute
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
-from cgguard.detect import cgroup as cgdetect
-from cgguard.kernel.cgroupfs import CgroupFS
+from cgguard.detect.cgroup import RULES, holds_most
+from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone
 from cgguard.kernel.cgroupns import adopt_cgroupns_root, own_cgroup
-from cgguard.kernel.clock import MS
+from cgguard.kernel.clock import MS, S
+from cgguard.kernel.files import FileCache
+from cgguard.kernel.procfs import read_stat
 from cgguard.sinks.incidents import Incident, IncidentLog, IncidentLogError
+from cgguard.state.budget import Budgets
+from cgguard.state.lineage import within
 from cgguard.state.status import StatusBoard
 from cgguard.state.watch import Node, Watcher
 
@@ -37,13 +47,39 @@ from .worker import ActionWorker, Job
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
 LOOP_TICK_NS = 200 * MS
-LINEAGE_EVAL_GAP_NS = 5 * MS
+ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
+ADOPT_GAP_NS = 1 * S
+KILL_ATTEMPTS = 3
 
 
 class IncidentSink(Protocol):
     """Told about every incident twice: when detected, and with its result."""
 
     def incident(self, inc: Incident) -> None: ...
+
+
+@dataclass
+class PendingKill:
+    job: Job
+    t0_ns: int
+    deadline_ns: int
+    tasks_before: int
+    attempts: int = 1
+
+
+def tenant_key(rel: str, wl: dict[str, Any] | None, top: str) -> str:
+    """Whose kill budget an action on ``rel`` spends: a pod, a user, a container or unit, else the
+    delegated tree it sits in (the highest watched cgroup above it), so that a tenant who can
+    create cgroups cannot multiply its budget by making many."""
+    wl = wl or {}
+    kind = wl.get("kind")
+    if kind == "pod" and wl.get("pod_uid"):
+        return f"pod:{wl['pod_uid']}"
+    if kind in ("session", "user-service") and wl.get("uid") is not None:
+        return f"uid:{wl['uid']}"
+    if kind in ("container", "machine", "service", "scope", "unit") and wl.get("base"):
+        return f"{kind}:{wl['base']}"
+    return f"cgroup:{top}"
 
 
 class Agent:
@@ -65,10 +101,14 @@ class Agent:
         self.sinks = list(sinks)
         self.board = board or StatusBoard()
         self.board.bind(self.wake)
+        self.files = FileCache(cfg.sampling.max_open_files)
+        self.budgets = Budgets(fs, self.files, cfg.budget.default_tasks, cfg.budget.use_v1)
         self.watcher = Watcher(
-            fs, cfg.watch, cfg.protect, cfg.sampling, exclude=self._is_own_or_ancestor, on_removed=self._forget_cgroup
+            fs, cfg.watch, cfg.protect, cfg.sampling, self.budgets, self.files,
+            exclude=self._is_own_or_ancestor, on_removed=self._forget_cgroup,
         )
-        self.budget = policy.KillBudget(cfg.kill_budget.max_actions, cfg.kill_budget.per_seconds)
+        kb = cfg.kill_budget
+        self.kill_budgets = policy.Budgets(kb.max_actions, kb.node_max_actions, kb.per_seconds)
         # The connector stays open with tracking disabled, so 'ctl tracking enable' can turn it on.
         self.use_connector = cfg.tracking.connector if use_connector is None else use_connector
         self.tracking: Tracking | None = None
@@ -76,6 +116,7 @@ class Agent:
         self.ready = False
         self.incidents_since_start = 0
         self.incidents_recorded = 0
+        self.not_removed: dict[str, int] = {}
         self.notes: list[str] = []
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -87,9 +128,12 @@ class Agent:
             wake=self.wake,
         )
         self.control: ControlServer | None = None
+        self._kills: dict[str, PendingKill] = {}
         self._cooldown: dict[str, int] = {}
-        self._lineage_eval_at: dict[str, int] = {}
+        self._acted: dict[str, tuple[int, str, str]] = {}  # target -> (when, action, result)
+        self._adopt_at: dict[str, int] = {}
         self._workloads: dict[str, dict[str, Any] | None] = {}
+        self._reeval: set[str] = set()
         self._next_age_ns = 0
         self._drained_ns = 0
         self._pc_last_ns = 0
@@ -102,10 +146,15 @@ class Agent:
         self.own_cgroup = own_cgroup() or ""
         self.notes += protect_process()
         self.log.open()
+        self._recover()
         self.incidents_recorded = self.log.count()
         if self.cfg.control_socket:
             self.control = ControlServer(self.cfg.control_socket, self.wake)
         self.watcher.start()
+        for glob in self.watcher.unmatched_globs():
+            msg = f"watch glob {glob!r} matches no cgroup under {self.fs.root} (yet): check it"
+            log.warning(msg)
+            self.notes.append(msg)
         if self.use_connector:
             try:
                 self.tracking = Tracking(self.cfg, self.fs, in_scope=self._in_scope, watched=self._watched_paths)
@@ -116,7 +165,12 @@ class Agent:
                 self.tracking = None
                 self.tracking_note = f"unavailable: {e}"
                 log.warning("process tracking unavailable, sampling only: %s", e)
-        self._next_age_ns = self.clock() + self.cfg.tracking.reset_interval_ms * MS
+        now = self.clock()
+        for rel in self._reeval:
+            node = self.watcher.watched_ancestor(rel)
+            if node is not None:
+                self.watcher.hint_active(node, now)
+        self._next_age_ns = now + self.cfg.tracking.reset_interval_ms * MS
         self.worker.start()
         if self.control is not None:
             self.control.start()
@@ -125,19 +179,33 @@ class Agent:
         sd_notify("READY=1\nSTATUS=watching %d cgroups" % len(self.watcher.watched()))
         log.info(
             "watching %d cgroups under %s (tracking: %s%s)",
-            len(self.watcher.watched()),
-            self.fs.root,
-            self.tracking_note,
-            ", dry run" if self.cfg.dry_run else "",
+            len(self.watcher.watched()), self.fs.root, self.tracking_note, ", dry run" if self.cfg.dry_run else "",
         )
+
+    def _recover(self) -> None:
+        """An incident left open by a crash is closed, and its cgroup looked at again at once."""
+        for rec in self.log.open_incidents():
+            try:
+                self.log.close_interrupted(
+                    rec, "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
+                )
+            except (IncidentLogError, OSError) as e:
+                log.error("incident log: closing %s: %s", rec.get("id"), e)
+                continue
+            if isinstance(rec.get("cgroup"), str):
+                self._reeval.add(rec["cgroup"])
+            log.warning("incident %s in %s was interrupted by an agent restart", rec.get("id"), rec.get("cgroup"))
 
     def _watched_paths(self) -> list[str]:
         return [n.rel for n in self.watcher.watched()]
 
     def _forget_cgroup(self, node: Node) -> None:
-        """A watched cgroup vanished: drop what the agent kept for it, or pod churn over weeks
-        grows these tables without bound."""
-        for table in (self._cooldown, self._lineage_eval_at, self._workloads):
+        """A watched cgroup vanished: finish a kill waiting on it, and drop what the agent kept for
+        it, or pod churn over weeks grows these tables without bound."""
+        pk = self._kills.pop(node.rel, None)
+        if pk is not None:
+            self._finish(pk.job, ActionResult("kill-cgroup", "gone", (self.clock() - pk.t0_ns) / MS, 0, pk.tasks_before))
+        for table in (self._cooldown, self._workloads, self._adopt_at, self._acted):
             table.pop(node.rel, None)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
@@ -172,13 +240,17 @@ class Agent:
     def _tick(self, now: int) -> None:
         for node in self.watcher.due(now):
             self._sample_and_check(node, now)
+        for node in self.watcher.maybe_rescan_degraded(now):
+            self._new_cgroup(node, now)
+        self._check_kills(now)
         if now >= self._next_age_ns:
             if self.tracking is not None:
                 self.tracking.age(now)
                 self._next_age_ns = now + self.tracking.reset_interval_ns
             else:
                 self._next_age_ns = now + self.cfg.tracking.reset_interval_ms * MS
-        self._collect_results()
+        for job, res in self.worker.results():
+            self._finish(job, res)
         if self.control is not None:
             self.control.serve_pending(self.handle_control)
         if self.board.wanted:
@@ -216,6 +288,7 @@ class Agent:
         if self.tracking is not None:
             self.tracking.close()
         self.watcher.close()
+        self.files.close()
 
     # -- sources ---------------------------------------------------------------------------
     def _on_inotify(self) -> None:
@@ -226,14 +299,34 @@ class Agent:
             if kind == "pids.events":
                 self.watcher.hint_active(node, now)
                 self._sample_and_check(node, now)
-            elif kind == "events" and node.populated:
-                # Something started in a cgroup that was empty: sample it (and, for narrowing
-                # a verdict later, its watched parents) from its first tasks on.
-                n: Node | None = node
-                while n is not None:
-                    if n.watched:
-                        self.watcher.hint_active(n, now)
-                    n = n.parent
+            elif kind == "added":
+                self._new_cgroup(node, now)
+            elif kind == "events":
+                pk = self._kills.get(node.rel)
+                if pk is not None and not node.populated:
+                    del self._kills[node.rel]
+                    self._finish(pk.job, ActionResult("kill-cgroup", "removed", (now - pk.t0_ns) / MS, 0, pk.tasks_before))
+                elif node.populated:
+                    # Something started in a cgroup that was empty: sample it (and, for narrowing
+                    # a verdict later, its watched parents) from its first tasks on, and track
+                    # processes a runtime moved in after their fork.
+                    self._new_cgroup(node, now)
+
+    def _new_cgroup(self, node: Node, now: int) -> None:
+        n: Node | None = node
+        while n is not None:
+            if n.watched:
+                self.watcher.hint_active(n, now)
+            n = n.parent
+        if self.tracking is not None and node.populated:
+            self._adopt(node, now)
+
+    def _adopt(self, node: Node, now: int) -> None:
+        if now - self._adopt_at.get(node.rel, 0) < ADOPT_GAP_NS:
+            return
+        self._adopt_at[node.rel] = now
+        assert self.tracking is not None
+        self.tracking.adopt(node.rel)
 
     def _on_procconn(self) -> None:
         assert self.tracking is not None
@@ -257,39 +350,42 @@ class Agent:
                 nodes[node.rel] = node
                 self.watcher.hint_active(node, now)
         for node in nodes.values():
-            self._check_lineage(node, now)
+            if not node.busy and self.tracking.qualifies(node.rel, now):
+                verdict = self.tracking.evaluate(node.rel, now)
+                if verdict is not None:
+                    self._on_verdict(node, verdict)
 
     # -- detection -------------------------------------------------------------------------
     def _sample_and_check(self, node: Node, now: int) -> None:
         if node.busy or not node.watched or node.history is None:
             return
-        prev = node.history.last
-        s = self.watcher.sample(node, now)
-        d = self.cfg.detect
-        moved = prev is None or (s.tasks, s.forks_refused) != (prev.tasks, prev.forks_refused)
-        # On an unchanged sample growth and the refusal rate cannot newly fire; saturation can
-        # (an older, not-yet-full sample leaving its hold window), so it always runs.
-        verdict = cgdetect.fork_failures(node.rel, node.history, now, d.fork_failures) if moved else None
-        verdict = verdict or cgdetect.saturation(node.rel, node.history, now, d.saturation)
-        if moved:
-            verdict = verdict or cgdetect.growth(node.rel, node.history, now, d.growth)
-        if verdict is not None:
-            self._on_verdict(node, verdict)
-            return
-        if self.tracking is not None and now < node.active_until_ns:
-            self._check_lineage(node, now)
+        tr = self.tracking
+        s = self.watcher.sample(node, now, births=tr.births if tr else None)
+        if tr is not None and s.tasks > tr.tasks(node.rel) + max(4, s.tasks // 10):
+            # More tasks than the tree knows: processes moved in after their fork, or missed.
+            self._adopt(node, now)
+        for rule in RULES:
+            verdict = rule(node.rel, node.history, now, self._params(rule.__name__))
+            if verdict is not None and (verdict.evidence != "budget" or self._holds_most(node, s.source)):
+                self._on_verdict(node, verdict)
+                return
 
-    def _check_lineage(self, node: Node, now: int) -> None:
-        if self.tracking is None or node.busy or not self.cfg.detect.lineage.enabled:
-            return
-        # Evaluating costs a walk of the cgroup's records; 5 ms apart is plenty for a bomb
-        # that doubles every ~12 ms and keeps a C fork loop from hogging the loop.
-        if now - self._lineage_eval_at.get(node.rel, 0) < LINEAGE_EVAL_GAP_NS:
-            return
-        self._lineage_eval_at[node.rel] = now
-        verdict = self.tracking.evaluate(node.rel, now)
-        if verdict is not None:
-            self._on_verdict(node, verdict)
+    def _holds_most(self, node: Node, source: str) -> bool:
+        """Among the watched cgroups charged to the same kernel limit (a pod's containers), is this
+        the one holding the most of it? Nested cgroups are left to narrowing."""
+        if source == "default":
+            return True
+        peers = []
+        for other in self.watcher.watched():
+            if other is node or other.budget is None or within(other.rel, node.rel) or within(node.rel, other.rel):
+                continue
+            if any(g.name == source for g in other.budget.groups):
+                peers.append(other.last_tasks)
+        return holds_most(node.last_tasks, peers)
+
+    def _params(self, rule: str) -> Any:
+        d = self.cfg.detect
+        return {"pinned": d.pinned, "fill_hold": d.fill_hold, "trajectory": d.trajectory}[rule]
 
     # -- decisions -------------------------------------------------------------------------
     def refusal(self, rel: str) -> str | None:
@@ -307,53 +403,152 @@ class Agent:
 
     def _target(self, node: Node, verdict: Verdict) -> Node:
         if verdict.detector == "lineage" and verdict.cgroup:
-            return self.watcher.watched_ancestor(verdict.cgroup) or node
+            found = self.watcher.watched_ancestor(verdict.cgroup)
+            if found is None or found.rel != verdict.cgroup and verdict.cgroup not in self.watcher.nodes:
+                # A cgroup the watcher does not know (its creation was lost with an inotify
+                # overflow): look again before acting, rather than blame its parent.
+                for n in self.watcher.rescan():
+                    self._new_cgroup(n, self.clock())
+                found = self.watcher.watched_ancestor(verdict.cgroup)
+            return found or node
         return self.watcher.narrow(node, verdict.first_sign_ns)
 
-    def _context(self, target: Node, verdict: Verdict) -> policy.Context:
+    def _top_watched(self, rel: str) -> str:
+        top, cur = rel, rel
+        while cur:
+            cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
+            n = self.watcher.nodes.get(cur)
+            if n is not None and n.watched:
+                top = cur
+        return top
+
+    def _allow(self, target: str, v: Verdict) -> tuple[str | None, str | None]:
+        """(exempting rule, relaxing rule) that match the verdict's origin, if any."""
+        if not self.cfg.allow or v.origin is None:
+            return None, None
+        exe = self.tracking.origin_exe(v.origin_ref) if self.tracking else None
+        for rule in self.cfg.allow:
+            if rule.matches(target, exe, v.origin.comm, v.origin.cmdline):
+                return (rule.describe(), None) if rule.mode == "exempt" else (None, rule.describe())
+        return None, None
+
+    def _escalation(self, rel: str, now: int) -> str | None:
+        last = self._acted.get(rel)
+        if last is None or now - last[0] > ESCALATE_NS:
+            return None
+        when, action, result = last
+        if action == Action.kill_lineage.value or result in ("not-found", "failed", "timeout"):
+            return f"the runaway is back {(now - when) / MS:.0f} ms after {action}: {result}"
+        return None
+
+    def _context(self, target: Node, verdict: Verdict, tenant: str, now: int) -> policy.Context:
         configured = self.cfg.action_for(target.rel)
+        tr = self.tracking
         wants_lineage = configured in (Action.auto, Action.kill_lineage) and not verdict.members
+        worst = tr.worst_lineage(target.rel) if wants_lineage and tr else None
+        allowed, relaxed = self._allow(target.rel, verdict if verdict.origin else (worst or verdict))
+        family = verdict if verdict.members else worst
         kb = self.cfg.kill_budget
         return policy.Context(
             configured=configured,
             refusal=self.refusal(target.rel),
             dry_run=self.cfg.dry_run,
-            budget_left=self.budget.available(),
-            budget_text=f"{kb.max_actions} per {kb.per_seconds:g}s",
-            worst_lineage=self.tracking.worst_lineage(target.rel) if wants_lineage and self.tracking else None,
+            exhausted=self.kill_budgets.exhausted(tenant),
+            budget_text=f"{kb.max_actions} per {kb.per_seconds:g}s for {tenant}, {kb.node_max_actions} per node",
+            worst_lineage=worst,
+            escalate=self._escalation(target.rel, now),
+            allowed=allowed,
+            relaxed=relaxed,
+            family_is_whole=family is not None and self._only(target.rel, family),
         )
+
+    def _only(self, rel: str, family: Verdict) -> bool:
+        """Does the cgroup hold nothing but this family? A bomb keeps forking while we look, so
+        each process is asked whether it descends from the origin (as a surgical kill would)."""
+        if self.tracking is None or family.origin_ref is None:
+            return False
+        belongs = self.tracking.member_test(family.origin_ref)
+        try:
+            inside = [p for cg in self.fs.walk(rel) for p in self.fs.procs(cg)]
+        except CgroupError:
+            return False
+        known = {pid for pid, _ in family.members or ()}
+        for pid in inside:
+            if pid in known:
+                continue
+            st = read_stat(pid)
+            if st is not None and belongs is not None and belongs(pid, st) is False:
+                return False
+        return True
 
     def _on_verdict(self, node: Node, verdict: Verdict) -> None:
         now = self.clock()
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return
-        d = policy.decide(verdict, self._context(target, verdict))
-        if d.acts and not self.budget.take():  # lost a race for the last slot: report instead
-            d = policy.decide(verdict, policy.Context(configured=Action.report))
-        inc = self._incident(target, d)
-        log.warning("bomb in %s (%s): %s -> %s", target.rel, verdict.detector, verdict.summary(), d.action.value)
+        wl = self.workload(target.rel)
+        tenant = tenant_key(target.rel, wl, self._top_watched(target.rel))
+        d = policy.decide(verdict, self._context(target, verdict, tenant, now))
+        if d.kills:
+            self.kill_budgets.take(tenant)
+        inc = self._incident(target, d, tenant, wl)
+        log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
         self._record(inc, final=False)
-        cooldown_ms = 1000 if d.acts else 30_000
-        self._cooldown[target.rel] = now + cooldown_ms * MS
+        self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
         if not d.acts:
-            inc.result = "refused" if d.refused else "reported"
-            self._record(inc, final=True)
+            inc.result = d.result or "reported"
+            self._record(inc, final=True, unremoved=d.unremoved)
             return
         target.busy = True
-        v = d.verdict
         tr = self.tracking
-        self.worker.submit(
-            Job(
-                inc,
-                target.rel,
-                d,
-                classify=tr.member_test(v.origin_ref) if tr else None,
-                settle=self._settle if tr else None,
-            )
-        )
+        v = d.verdict
+        job = Job(inc, target.rel, d, classify=tr.member_test(v.origin_ref) if tr else None, settle=self._settle if tr else None)
+        if d.action == Action.kill_cgroup:
+            self._kill_now(target, job, now)
+        else:
+            self.worker.submit(job)
 
-    def _incident(self, target: Node, d: policy.Decision) -> Incident:
+    def _kill_now(self, target: Node, job: Job, now: int) -> None:
+        before = target.last_tasks
+        try:
+            self.fs.kill(target.rel)
+        except CgroupGone:
+            self._finish(job, ActionResult("kill-cgroup", "gone", 0.0, 0, before))
+            return
+        except CgroupError as e:
+            self._finish(job, ActionResult("kill-cgroup", "failed", None, None, before, notes=[str(e)]))
+            return
+        timeout = self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
+        self._kills[target.rel] = PendingKill(job, now, now + timeout, before)
+        if target.events_wd is None:  # no inotify watch (degraded): poll in _check_kills
+            return
+        if not self.fs.populated(target.rel):  # it emptied before the watch could tell
+            self._kills.pop(target.rel)
+            self._finish(job, ActionResult("kill-cgroup", "removed", (self.clock() - now) / MS, 0, before))
+
+    def _check_kills(self, now: int) -> None:
+        for rel, pk in list(self._kills.items()):
+            node = self.watcher.nodes.get(rel)
+            if node is not None and node.events_wd is None and not self.fs.populated(rel):
+                del self._kills[rel]
+                self._finish(pk.job, ActionResult("kill-cgroup", "removed", (now - pk.t0_ns) / MS, 0, pk.tasks_before))
+                continue
+            if now < pk.deadline_ns:
+                continue
+            if pk.attempts < KILL_ATTEMPTS:
+                pk.attempts += 1
+                pk.deadline_ns = now + self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
+                pk.job.incident.notes.append(f"populated still 1 after attempt {pk.attempts - 1}: killing again")
+                try:
+                    self.fs.kill(rel)
+                except CgroupError:
+                    pass
+                continue
+            del self._kills[rel]
+            left = node.last_tasks if node else None
+            self._finish(pk.job, ActionResult("kill-cgroup", "timeout", (now - pk.t0_ns) / MS, left, pk.tasks_before))
+
+    def _incident(self, target: Node, d: policy.Decision, tenant: str, wl: dict[str, Any] | None) -> Incident:
         v = d.verdict
         tasks = v.tasks if target.rel == v.cgroup else (target.last_tasks or v.tasks)
         return Incident(
@@ -362,13 +557,17 @@ class Agent:
             reasons=[r.to_dict() for r in v.reasons],
             tasks_at_detection=tasks,
             detector=v.detector,
+            evidence=v.evidence,
+            budget=v.budget,
+            budget_source=v.budget_source,
+            tenant=tenant,
             peak_tasks=max(tasks, target.history.peak if target.history else 0),
             detect_ms=round(max(0, v.at_ns - v.first_sign_ns) / MS, 1),
             dry_run=self.cfg.dry_run,
             origin=v.origin.to_dict() if v.origin else None,
             family=v.family,
             depth=v.depth,
-            workload=self.workload(target.rel),
+            workload=wl,
             notes=list(d.notes),
         )
 
@@ -385,7 +584,7 @@ class Agent:
         self._workloads[rel] = wl
         return wl
 
-    def _record(self, inc: Incident, final: bool) -> None:
+    def _record(self, inc: Incident, final: bool, unremoved: str | None = None) -> None:
         try:
             self.log.append(inc)
         except IncidentLogError as e:
@@ -393,6 +592,8 @@ class Agent:
         if final:
             self.incidents_since_start += 1
             self.incidents_recorded += 1
+            if unremoved:
+                self.not_removed[unremoved] = self.not_removed.get(unremoved, 0) + 1
             self.board.invalidate()
         for sink in self.sinks:
             try:
@@ -409,10 +610,6 @@ class Agent:
         while self._drained_ns < t and time.monotonic() < deadline:
             time.sleep(0.002)
 
-    def _collect_results(self) -> None:
-        for job, res in self.worker.results():
-            self._finish(job, res)
-
     def _finish(self, job: Job, res: ActionResult) -> None:
         inc = job.incident
         inc.action = res.action
@@ -427,13 +624,18 @@ class Agent:
         if res.moved is not None:
             inc.notes.append(f"{res.moved} processes moved to quarantine")
         log.warning("%s %s: %s in %s ms, survivors %s", inc.action, inc.cgroup, inc.result, inc.remove_ms, inc.survivors)
-        self._record(inc, final=True)
+        unremoved = job.decision.unremoved
+        if res.result in ("failed", "timeout"):
+            unremoved = "failed"
+        self._record(inc, final=True, unremoved=unremoved)
+        now = self.clock()
+        self._acted[job.target] = (now, res.action, res.result)
         node = self.watcher.nodes.get(job.target)
         if node is not None:
             node.busy = False
             if node.history is not None:
-                node.history.samples.clear()
-                node.history.peak = 0
+                node.history.clear()
+            self.watcher.hint_active(node, now)  # watch what is left closely: a survivor regrows
         if self.tracking is not None:
             self.tracking.after_action(job.target)
 

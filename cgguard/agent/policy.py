@@ -2,7 +2,19 @@
 
 The loop asks :func:`decide` once per verdict. Everything the decision rests on comes in as
 plain values (:class:`Context`), so the rules below are tested without threads, root or cgroups,
-and every refusal or downgrade is written into the incident's notes.
+and every refusal, downgrade or escalation is written into the incident's notes.
+
+Fail safe, never fail open:
+
+* A kill budget is per tenant (a pod, a user, a service, a delegated cgroup tree) and per node.
+  One tenant's bombs never spend another's. Past either budget the runaway is *frozen* --
+  it stops growing and stays for an operator -- and reported; it is never left running.
+* When the lineage behind a verdict is only partly known (the agent started after the family,
+  or events were lost), ``auto`` spares nothing as "not the bomb": the whole cgroup is removed.
+  An explicit ``kill-lineage`` stays surgical (the operator chose it for a shared cgroup); the
+  surgical kill then takes processes of unknown ancestry younger than the origin as the bomb's.
+* When an earlier action on the same cgroup did not end the runaway (a surgical kill that missed
+  members, a lineage not found), the next one removes the whole cgroup.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from cgguard.detect import Verdict
 
 
 class KillBudget:
-    """At most ``max_actions`` per sliding window: a detector gone wrong cannot empty a node."""
+    """At most ``max_actions`` per sliding window."""
 
     def __init__(self, max_actions: int, per_seconds: float, clock: Callable[[], float] = time.monotonic):
         self.max_actions = max_actions
@@ -33,13 +45,41 @@ class KillBudget:
         self._expire(self.clock())
         return len(self.times) < self.max_actions
 
-    def take(self) -> bool:
-        now = self.clock()
-        self._expire(now)
-        if len(self.times) >= self.max_actions:
-            return False
-        self.times.append(now)
-        return True
+    def take(self) -> None:
+        self.times.append(self.clock())
+
+    def idle(self) -> bool:
+        self._expire(self.clock())
+        return not self.times
+
+
+class Budgets:
+    """Kill budgets by tenant, plus one for the node."""
+
+    def __init__(self, per_tenant: int, node: int, per_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.per_tenant, self.per_seconds, self.clock = per_tenant, per_seconds, clock
+        self.node = KillBudget(node, per_seconds, clock)
+        self.tenants: dict[str, KillBudget] = {}
+
+    def tenant(self, key: str) -> KillBudget:
+        b = self.tenants.get(key)
+        if b is None:
+            if len(self.tenants) > 4096:  # tenants come and go: keep only those with recent kills
+                self.tenants = {k: v for k, v in self.tenants.items() if not v.idle()}
+            b = self.tenants[key] = KillBudget(self.per_tenant, self.per_seconds, self.clock)
+        return b
+
+    def exhausted(self, key: str) -> str | None:
+        """Which budget is spent ("tenant" or "node"), or None."""
+        if not self.tenant(key).available():
+            return "tenant"
+        if not self.node.available():
+            return "node"
+        return None
+
+    def take(self, key: str) -> None:
+        self.tenant(key).take()
+        self.node.take()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +89,17 @@ class Context:
     configured: Action  # the action configured for the target (rules, then the default)
     refusal: str | None = None  # why cgguard must not act on the target at all
     dry_run: bool = False
-    budget_left: bool = True
-    budget_text: str = ""  # "5 per 60s", for the note when it is exhausted
+    exhausted: str | None = None  # "tenant" or "node" when a kill budget is spent
+    budget_text: str = ""  # "5 per 60s for pod ...", for the note
     # The worst-scoring lineage of the target, when tracking knows one (for a surgical kill of
     # a cgroup-level verdict in a shared cgroup).
     worst_lineage: Verdict | None = None
+    escalate: str | None = None  # why an earlier action on this cgroup did not end the runaway
+    allowed: str | None = None  # an allow rule that exempts this origin
+    relaxed: str | None = None  # an allow rule under which lineage evidence alone does not decide
+    # The target holds nothing but the verdict's family (as far as the tree and cgroup.procs
+    # tell): the atomic whole-cgroup kill is then the surgical one.
+    family_is_whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +107,18 @@ class Decision:
     action: Action  # never auto
     verdict: Verdict  # possibly enriched with the lineage to remove
     notes: tuple[str, ...] = field(default_factory=tuple)
-    refused: bool = False  # reported because acting is not allowed here (not a dry run or budget)
+    # For an action that leaves the runaway running (report, or a freeze for lack of budget):
+    # why, as counted in cgguard_incidents_not_removed_total.
+    unremoved: str | None = None
+    result: str | None = None  # the result when no action runs: reported, refused, allowed
 
     @property
     def acts(self) -> bool:
         return self.action != Action.report
+
+    @property
+    def kills(self) -> bool:
+        return self.action in (Action.kill_cgroup, Action.kill_lineage)
 
 
 def with_lineage(v: Verdict, lin: Verdict) -> Verdict:
@@ -78,31 +131,63 @@ def with_lineage(v: Verdict, lin: Verdict) -> Verdict:
         family=lin.family,
         depth=lin.depth,
         origin_ref=lin.origin_ref,
+        complete=lin.complete,
     )
+
+
+def _report(v: Verdict, note: str, unremoved: str, result: str) -> Decision:
+    return Decision(Action.report, v, (note,), unremoved=unremoved, result=result)
 
 
 def decide(verdict: Verdict, ctx: Context) -> Decision:
     if ctx.refusal:
-        return Decision(Action.report, verdict, (f"not acting: {ctx.refusal}",), refused=True)
+        return _report(verdict, f"not acting: {ctx.refusal}", "protected", "refused")
+    if ctx.allowed:
+        return _report(verdict, f"allowed by {ctx.allowed}: not acting", "allowed", "allowed")
+    if ctx.relaxed and verdict.evidence == "lineage":
+        return _report(
+            verdict, f"allowed by {ctx.relaxed}: lineage alone does not decide here (budget rules still apply)", "allowed", "allowed"
+        )
     if ctx.dry_run:
-        return Decision(Action.report, verdict, ("dry run: reporting only",))
+        return _report(verdict, "dry run: reporting only", "dry-run", "reported")
     action = ctx.configured
-    if action != Action.report and not ctx.budget_left:
-        return Decision(Action.report, verdict, (f"kill budget exhausted ({ctx.budget_text}): reporting only",))
+    if action == Action.report:
+        return _report(verdict, "action is report: reporting only", "report-only", "reported")
+    if ctx.exhausted and action != Action.freeze:
+        who = "this tenant's" if ctx.exhausted == "tenant" else "the node's"
+        return Decision(
+            Action.freeze,
+            verdict,
+            (f"{who} kill budget is spent ({ctx.budget_text}): frozen instead, so it cannot grow; thaw or kill it by hand",),
+            unremoved="budget",
+        )
+    if action == Action.freeze:
+        return Decision(Action.freeze, verdict, ("action is freeze: frozen for inspection, not removed",), unremoved="report-only")
     notes: list[str] = []
+    if ctx.escalate and action in (Action.auto, Action.kill_lineage):
+        return Decision(Action.kill_cgroup, verdict, (f"{ctx.escalate}: removing the whole cgroup",))
     lin = ctx.worst_lineage
     if action == Action.auto and not verdict.members and lin is not None:
-        # A cgroup-level verdict (growth, pids.max) in a cgroup that may be shared: if one
-        # lineage holds most of the tasks, remove it surgically and spare the rest.
-        if lin.family is not None and lin.family * 2 >= max(verdict.tasks, 1):
+        # A cgroup-level verdict in a cgroup that may be shared: if one lineage, known whole,
+        # holds most of the tasks, remove it surgically and spare the rest.
+        if not lin.complete:
+            notes.append("lineage only partly known (started before the agent, or events lost): removing the whole cgroup")
+        elif lin.family is not None and lin.family * 2 >= max(verdict.tasks, 1):
             verdict = with_lineage(verdict, lin)
             notes.append(f"one lineage holds {lin.family} of {verdict.tasks} tasks: removing it surgically")
     if action == Action.auto:
-        action = Action.kill_lineage if verdict.members else Action.kill_cgroup
+        if verdict.members and not verdict.complete:
+            notes.append("lineage only partly known: removing the whole cgroup rather than guess its members")
+            action = Action.kill_cgroup
+        else:
+            action = Action.kill_lineage if verdict.members else Action.kill_cgroup
     if action == Action.kill_lineage and not verdict.members:
-        if lin is None:
-            notes.append("no lineage known for this cgroup: killing the cgroup")
+        if lin is None or not lin.complete:
+            notes.append("no lineage known whole for this cgroup: killing the cgroup")
             action = Action.kill_cgroup
         else:
             verdict = with_lineage(verdict, lin)
+    if action == Action.kill_lineage and ctx.family_is_whole and ctx.configured == Action.auto:
+        notes.append("the family is the whole cgroup: killing the cgroup")
+        action = Action.kill_cgroup
     return Decision(action, verdict, tuple(notes))

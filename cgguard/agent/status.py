@@ -26,7 +26,7 @@ from cgguard.state.status import (
     Status,
     TrackingStatus,
 )
-from cgguard.state.watch import Node
+from cgguard.state.watch import PRESSURE_FAST, Node
 
 if TYPE_CHECKING:
     from .core import Agent
@@ -38,6 +38,8 @@ def cgroup_state(n: Node, now_ns: int) -> str:
         return "acting"
     if n.protected:
         return "protected"
+    if n.last_usage >= PRESSURE_FAST:
+        return "pressure"
     return "active" if n.active_until_ns > now_ns else "calm"
 
 
@@ -47,8 +49,11 @@ def cgroup_status(n: Node, now_ns: int, workload: dict[str, Any] | None) -> Cgro
         path=n.rel,
         tasks=last.tasks if last else n.last_tasks,
         source=n.source,
-        pids_max=last.pids_max if last else None,
-        forks_refused=last.forks_refused if last else None,
+        budget=last.limit if last else None,
+        budget_source=last.source if last else "",
+        limit_tasks=last.level if last and last.kernel_limit else None,
+        pids_max=last.limit if last and last.kernel_limit else None,
+        forks_refused=last.refused if last else None,
         state=cgroup_state(n, now_ns),
         interval_ms=n.interval_ns // MS,
         populated=n.populated,
@@ -85,14 +90,32 @@ def build_status(agent: "Agent", *, workloads: bool = True, proc: psutil.Process
         connector=tr.connector_status() if tr else ConnectorStatus(mode=agent.tracking_note),
         tracking=tr.status() if tr else TrackingStatus(),
         incidents=IncidentsStatus(
-            since_start=agent.incidents_since_start, recorded=agent.incidents_recorded, log=agent.log.path
+            since_start=agent.incidents_since_start,
+            recorded=agent.incidents_recorded,
+            log=agent.log.path,
+            not_removed=dict(agent.not_removed),
         ),
         cpu_seconds=cpu,
         rss_bytes=rss,
         pid=agent.pid,
         samples_taken=agent.watcher.samples_taken,
-        notes=list(agent.notes),
+        inotify_overflows=agent.watcher.overflows,
+        sinks={s.name: s.stats() for s in agent.sinks if hasattr(s, "stats") and hasattr(s, "name")},
+        notes=list(agent.notes) + degraded_notes(agent),
     )
+
+
+def degraded_notes(agent: "Agent") -> list[str]:
+    """What resource limits took from the agent, for the operator (it keeps running either way)."""
+    out = []
+    if agent.watcher.missing_watches:
+        out.append(
+            f"{agent.watcher.missing_watches} inotify watches refused (fs.inotify.max_user_watches): "
+            "new cgroups are found by rescans every few seconds instead of at once"
+        )
+    if agent.files.shrinks:
+        out.append(f"out of file descriptors {agent.files.shrinks} times: keeping {agent.files.max_open} files open")
+    return out
 
 
 def tree_json(tree: LineageTree, cgroup: str, badness: Callable[[int], int] | None = oom_badness) -> dict[str, Any]:

@@ -8,6 +8,7 @@ origin).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from cgguard.kernel import procconn
 from cgguard.kernel.cgroupfs import CgroupFS
 from cgguard.kernel.clock import MS
 from cgguard.kernel.procfs import ProcStat
-from cgguard.state import lineage
+from cgguard.state import lineage, lineage_scan
 from cgguard.state.status import ConnectorStatus, TrackingStatus
 
 
@@ -44,11 +45,9 @@ class Tracking:
         p = cfg.detect.lineage
         self.tree = lineage.LineageTree(
             in_scope=in_scope,
-            fs=fs,
             tracking_enabled=cfg.tracking.enabled,
             reset_interval_ns=cfg.tracking.reset_interval_ms * MS,
-            hot_clone_depth=p.min_generations,
-            wide_clone_depth=p.wide_min_generations,
+            abandon_window_ns=p.window_ms * MS,
         )
         self.params = p
         self.mode = self.conn.filter_mode
@@ -62,23 +61,48 @@ class Tracking:
         return self.conn.fileno()
 
     def load(self, cgroups: list[str]) -> None:
-        self.tree.load_from_proc(cgroups)
+        lineage_scan.load(self.tree, self.fs, cgroups)
 
     def drain(self, max_events: int = 8192) -> tuple[set[str], bool]:
-        """Feed pending events into the tree. Returns the cgroups that saw forks since the last
-        call, and whether the socket was read empty (False: more is queued, come back)."""
+        """Feed pending events into the tree. Returns the cgroups that saw forks, threads or
+        abandonments since the last call, and whether the socket was read empty (False: more is
+        queued, come back)."""
         n = self.conn.read(self.tree, max_events)
         empty = n < max_events
+        self.tree.flush()
         if empty and self.tree.loss_pending:
             # Events were dropped (ENOBUFS or a sequence gap): the tree may miss forks and exits.
             # Re-read the watched cgroups from /proc once the queue is empty, so the rescan sees
             # the present and is not overtaken by queued events.
-            self.tree.resync(self.watched())
+            lineage_scan.resync(self.tree, self.fs, self.watched())
             self.rescans += 1
         return self.tree.take_activity(), empty
 
+    def adopt(self, cgroup: str) -> int:
+        """Track processes found in a watched cgroup that the tree does not know."""
+        return lineage_scan.adopt(self.tree, self.fs, cgroup)
+
+    def qualifies(self, cgroup: str, now_ns: int) -> bool:
+        return self.params.enabled and lineage_detect.qualifies(self.tree, cgroup, now_ns, self.params)
+
     def evaluate(self, cgroup: str, now_ns: int) -> Verdict | None:
         return lineage_detect.detect_lineage(self.tree, cgroup, now_ns, self.params)
+
+    def births(self, cgroup: str) -> int:
+        return self.tree.births_in(cgroup)
+
+    def tasks(self, cgroup: str) -> int:
+        return self.tree.tasks_in(cgroup)
+
+    def origin_exe(self, origin: Any) -> str | None:
+        """The executable of a verdict's origin, or of a live clone of it, for allow rules."""
+        for r in lineage.walk(origin, lambda c: c.exec_ns is None) if origin is not None else ():
+            if r.alive:
+                try:
+                    return os.readlink(f"/proc/{r.tgid}/exe")
+                except OSError:
+                    continue
+        return None
 
     def worst_lineage(self, cgroup: str) -> Verdict | None:
         return lineage_detect.worst_lineage(self.tree, cgroup, time.monotonic_ns(), self.params)
@@ -113,7 +137,7 @@ class Tracking:
 
     def after_action(self, cgroup: str) -> None:
         # The kill's exits may still be queued; a re-read of the cgroup drops what is gone now.
-        self.tree.resync([cgroup], mark_incomplete=False)
+        lineage_scan.resync(self.tree, self.fs, [cgroup], mark_incomplete=False)
 
     def set_enabled(self, enabled: bool) -> None:
         self.tree.tracking_enabled = enabled

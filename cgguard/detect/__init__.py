@@ -53,11 +53,20 @@ class Verdict:
     """
 
     cgroup: str
-    detector: str
+    detector: str  # the rule: pinned, fill-hold, trajectory, lineage
     reasons: tuple[Reason, ...]
     tasks: int
     first_sign_ns: int
     at_ns: int
+    # What decided, in the words of the detection model: "budget" (at or holding its limit),
+    # "trajectory" (growth that will not stop short of it) or "lineage" (a family that abandons
+    # its copies generation after generation).
+    evidence: str = ""
+    budget: int | None = None
+    budget_source: str = ""
+    # False when the lineage behind this verdict is only partly known (the agent started after
+    # the family did, or events were lost): nothing may then be spared as "not the bomb".
+    complete: bool = True
     origin: Origin | None = None
     members: frozenset[tuple[int, int]] | None = None
     family: int | None = None
@@ -75,6 +84,9 @@ class Verdict:
             "detector": self.detector,
             "reasons": [r.to_dict() for r in self.reasons],
             "tasks": self.tasks,
+            "evidence": self.evidence,
+            "budget": self.budget,
+            "budget_source": self.budget_source,
             "origin": self.origin.to_dict() if self.origin else None,
             "family": self.family,
             "depth": self.depth,

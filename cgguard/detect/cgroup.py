@@ -1,150 +1,212 @@
-"""Cgroup-level detectors: pure functions of a cgroup's sample history.
+"""Budget and trajectory detectors: pure functions of one cgroup's sample history.
 
-They need no lineage, so they also work where the proc connector is unavailable, and they are
-the only ones that see thread bombs and zombie pile-ups (``pids.current`` counts both).
+Each sample holds the cgroup's own tasks and how full its budget is (``level`` of ``limit``,
+refused forks at the limiting group). A runaway is anything whose task count grows without bound
+toward its budget, whatever its shape; bounded work stops short. Three rules say so from the
+counts alone, so they also see thread bombs, zombie piles, exec chains and runaways that were
+running before the agent started:
+
+* **pinned** (evidence "budget"): at the kernel limit while forks keep being refused;
+* **fill-hold** (evidence "budget"): filled most of the budget within seconds and holding it
+  while tasks keep being born (churn just under the limit);
+* **trajectory**: past ``min_usage`` of the budget (default half), still rising, and on course to
+  exhaust it within ``max_eta_ms`` -- measured over ``window_ms`` for fast runaways and over
+  ``long_window_ms`` for slow ones (a steady trickle of forks is caught as it nears its budget).
+
+A workload that stays under half its budget is never flagged here. Trajectory measures growth
+of the cgroup's own tasks, so a calm sibling under a shared pod limit is not blamed for the bomb
+beside it; pinned and fill-hold measure the shared limit, so the agent keeps their verdict only
+for the cgroup that holds the most of it (:func:`holds_most`).
 """
 
 from __future__ import annotations
 
-from cgguard.config import ForkFailureParams, GrowthParams, SaturationParams
+from typing import Iterable
+
+from cgguard.config import FillHoldParams, PinnedParams, TrajectoryParams
 from cgguard.detect import Reason, Verdict
 from cgguard.kernel.clock import MS
 from cgguard.state.samples import History, Sample
 
 
-def _since_before(hist: History, cutoff_ns: int, partial: bool = False) -> list[Sample] | None:
-    """Samples after ``cutoff_ns`` plus the last one at or before it, which proves the state
-    already held at the cutoff. None when the history does not reach back that far (unless
-    ``partial``: then whatever there is)."""
-    before = None
-    after = []
-    for s in hist.samples:
-        if s.t_ns <= cutoff_ns:
-            before = s
-        else:
-            after.append(s)
-    if before is None:
-        return after if partial else None
-    return [before, *after]
+def _verdict(cgroup: str, rule: str, evidence: str, reason: Reason, last: Sample, first_sign_ns: int, now_ns: int) -> Verdict:
+    return Verdict(
+        cgroup=cgroup,
+        detector=rule,
+        reasons=(reason,),
+        tasks=last.tasks,
+        first_sign_ns=first_sign_ns,
+        at_ns=now_ns,
+        evidence=evidence,
+        budget=last.limit,
+        budget_source=last.source,
+    )
 
 
-def growth(cgroup: str, hist: History, now_ns: int, p: GrowthParams) -> Verdict | None:
-    """Runaway growth: many tasks, multiplied within the window, and still rising sample after sample.
+def pinned(cgroup: str, hist: History, now_ns: int, p: PinnedParams) -> Verdict | None:
+    """At the kernel limit for ``hold_ms`` with at least ``min_refused`` forks refused meanwhile.
 
-    On a small machine a bomb is CPU-bound within milliseconds and from then on its count rises
-    linearly (about 3k tasks/s for a bash bomb on 2 cores), so this rule cannot ask for
-    exponential growth. What it asks for instead is size (``min_tasks``: above the few hundred a
-    single parent or a pool starts), a multiplication within ``window_ms`` (not a slow climb),
-    a high rate, and growth in each of the last ``rising_samples`` samples (a burst that is
-    over is not a bomb). Lineage tells bombs from bursts far earlier; this is the net for
-    thread bombs and for hosts without the proc connector.
+    Touching the limit once is not enough (a build may, then back off): something must keep
+    retrying forks against it. Needs a limit with a refusal counter (v2, or v1 on hybrid hosts).
     """
     last = hist.last
-    if last is None or last.tasks < p.min_tasks:
+    if not p.enabled or last is None or last.refused is None or not last.kernel_limit:
         return None
+    if last.level < p.ratio * last.limit:
+        return None
+    held_since = hist.at(now_ns - p.hold_ms * MS)
+    if held_since is None or held_since.refused is None:
+        return None
+    span = [s for s in hist.samples if s.t_ns >= held_since.t_ns]
+    if any(s.level < p.ratio * s.limit for s in span):
+        return None
+    refused = last.refused - held_since.refused
+    if refused < p.min_refused:
+        return None
+    first = held_since
+    for s in reversed(hist.samples):  # when it first got there, for the detection latency
+        if s.level < p.ratio * s.limit:
+            break
+        first = s
+    return _verdict(
+        cgroup,
+        "pinned",
+        "budget",
+        Reason(
+            "pinned-at-limit",
+            f"{last.level} of {last.limit} tasks ({last.source}) for {(now_ns - first.t_ns) / MS:.0f} ms, "
+            f"{refused} forks refused in the last {p.hold_ms} ms",
+            {"level": last.level, "limit": last.limit, "source": last.source, "refused": refused,
+             "hold_ms": p.hold_ms, "tasks": last.tasks},
+        ),
+        last,
+        first.t_ns,
+        now_ns,
+    )
+
+
+def fill_hold(cgroup: str, hist: History, now_ns: int, p: FillHoldParams) -> Verdict | None:
+    """Holding ``min_usage`` of the budget for ``hold_ms``, reached within ``fill_ms`` from below
+    half of it, with tasks still being born at a churn rate (proc connector counts)."""
+    last = hist.last
+    if not p.enabled or last is None or last.births is None or last.usage < p.min_usage:
+        return None
+    start = hist.at(now_ns - p.hold_ms * MS)
+    if start is None or start.births is None:
+        return None
+    span = [s for s in hist.samples if s.t_ns >= start.t_ns]
+    if any(s.usage < p.min_usage for s in span):
+        return None
+    low = None
+    for s in reversed(hist.samples):
+        if s.usage < 0.5:
+            low = s
+            break
+    if low is None or start.t_ns - low.t_ns > p.fill_ms * MS:
+        return None  # not filled recently (or before the history): a steady state, not a runaway
+    secs = max((last.t_ns - start.t_ns) / 1e9, 1e-3)
+    rate = (last.births - start.births) / secs
+    if rate < max(p.min_births_per_s, 0.05 * last.limit):
+        return None
+    fill_ms = (start.t_ns - low.t_ns) / MS
+    return _verdict(
+        cgroup,
+        "fill-hold",
+        "budget",
+        Reason(
+            "holding-budget-with-churn",
+            f"filled {last.level} of {last.limit} tasks ({last.source}) within {fill_ms:.0f} ms and held it "
+            f"{secs * 1000:.0f} ms while {rate:.0f} tasks/s were born",
+            {"level": last.level, "limit": last.limit, "source": last.source, "fill_ms": round(fill_ms),
+             "births_per_s": round(rate), "tasks": last.tasks},
+        ),
+        last,
+        low.t_ns,
+        now_ns,
+    )
+
+
+def trajectory(cgroup: str, hist: History, now_ns: int, p: TrajectoryParams) -> Verdict | None:
+    """Past ``min_usage`` of the budget, still growing, and at the recent rate the budget is gone
+    within ``max_eta_ms``. Two views of "still growing": over ``window_ms``, risen by ``min_rise`` of
+    the budget and rising in each of the last ``rising_samples`` samples (a bomb); over
+    ``long_window_ms``, risen by ``min_rise`` of the budget (by anything at all once past the
+    budget) with every quarter of the window above the one before and the last sample its
+    highest (a steady trickle that never stops).
+
+    A bomb on a small machine is CPU-bound within milliseconds and grows linearly from then on,
+    so nothing here asks for exponential growth: only that it does not stop.
+    """
+    last = hist.last
+    if not p.enabled or last is None or last.usage < p.min_usage:
+        return None
+    found = _fast(hist, now_ns, p) or _slow(hist, now_ns, p)
+    if found is None:
+        return None
+    low, span_s, how = found
+    rate = (last.tasks - low.tasks) / span_s
+    eta_ms = max(0.0, (last.limit - last.level) / rate * 1000)
+    if eta_ms > p.max_eta_ms:
+        return None
+    return _verdict(
+        cgroup,
+        "trajectory",
+        "trajectory",
+        Reason(
+            "growing-toward-budget",
+            f"tasks grew {low.tasks} -> {last.tasks} in {span_s * 1000:.0f} ms ({rate:.0f}/s), {how}; "
+            f"{last.level} of {last.limit} ({last.source}), exhausted in ~{eta_ms:.0f} ms",
+            {"tasks": last.tasks, "tasks_low": low.tasks, "rate_per_s": round(rate), "level": last.level,
+             "limit": last.limit, "source": last.source, "eta_ms": round(eta_ms), "usage": round(last.usage, 3)},
+        ),
+        last,
+        low.t_ns,
+        now_ns,
+    )
+
+
+def _fast(hist: History, now_ns: int, p: TrajectoryParams) -> tuple[Sample, float, str] | None:
+    last = hist.samples[-1]
     window = [s for s in hist.samples if s.t_ns >= now_ns - p.window_ms * MS]
     if len(window) < p.rising_samples + 1:
         return None
-    tail = window[-(p.rising_samples + 1) :]
+    tail = window[-(p.rising_samples + 1):]
     if any(b.tasks <= a.tasks for a, b in zip(tail, tail[1:])):
         return None
-    low_sample = min(window, key=lambda s: s.tasks)
-    n, low = last.tasks, low_sample.tasks
-    if n < p.min_factor * max(low, 1):
+    low = min(window, key=lambda s: s.tasks)
+    if last.tasks - low.tasks < p.min_rise * last.limit:
         return None
-    span_s = max((last.t_ns - low_sample.t_ns) / 1e9, 1e-3)
-    rate = (n - low) / span_s
-    if rate < p.min_rate_per_s:
-        return None
-    return Verdict(
-        cgroup=cgroup,
-        detector="growth",
-        reasons=(
-            Reason(
-                "tasks-multiplying",
-                f"tasks grew {low} -> {n} ({n / max(low, 1):.1f}x) in {span_s * 1000:.0f} ms, "
-                f"{rate:.0f} tasks/s, still rising over the last {p.rising_samples} samples",
-                {
-                    "tasks": n,
-                    "tasks_low": low,
-                    "factor": round(n / max(low, 1), 2),
-                    "span_ms": round(span_s * 1000, 1),
-                    "rate_per_s": round(rate),
-                    "window_ms": p.window_ms,
-                },
-            ),
-        ),
-        tasks=n,
-        first_sign_ns=low_sample.t_ns,
-        at_ns=now_ns,
-    )
+    return low, max((last.t_ns - low.t_ns) / 1e9, 1e-3), f"rising over the last {p.rising_samples} samples"
 
 
-def saturation(cgroup: str, hist: History, now_ns: int, p: SaturationParams) -> Verdict | None:
-    """Sitting at pids.max while forks keep being refused: contained, but not removed.
-
-    Fullness alone is not enough (a build may touch its limit once and back off); something must
-    keep retrying forks against the wall for ``hold_ms``.
-    """
-    if not p.enabled:
+def _slow(hist: History, now_ns: int, p: TrajectoryParams) -> tuple[Sample, float, str] | None:
+    last = hist.samples[-1]
+    start = now_ns - p.long_window_ms * MS
+    window = [s for s in hist.samples if s.t_ns >= start]
+    first = hist.at(start)
+    if first is None or len(window) < 8 or last.tasks < max(s.tasks for s in window):
+        return None  # the history does not reach back a whole window, or it is not rising now
+    quarter = p.long_window_ms * MS // 4
+    peaks = []
+    for q in range(4):
+        seg = [s.tasks for s in window if start + q * quarter <= s.t_ns < start + (q + 1) * quarter]
+        if not seg:
+            return None
+        peaks.append(max(seg))
+    # Past the whole budget (only possible where no kernel limit holds it) any steady growth
+    # is enough: the budget is the scale of harm, and this one keeps going beyond it.
+    need = 1 if last.level >= last.limit else p.min_rise * last.limit
+    if any(b <= a for a, b in zip(peaks, peaks[1:])) or last.tasks - first.tasks < need:
         return None
-    last = hist.last
-    if last is None or not last.pids_max:
-        return None
-    limit = last.pids_max
-    held = _since_before(hist, now_ns - p.hold_ms * MS)
-    if held is None:
-        return None
-    if any(s.tasks < p.ratio * limit for s in held):
-        return None
-    refused = None
-    if last.forks_refused is not None and held[0].forks_refused is not None:
-        refused = last.forks_refused - held[0].forks_refused
-    if p.min_forks_refused and (refused is None or refused < p.min_forks_refused):
-        return None
-    return Verdict(
-        cgroup=cgroup,
-        detector="saturation",
-        reasons=(
-            Reason(
-                "pids-max-saturated",
-                f"{last.tasks} of pids.max {limit} tasks for {p.hold_ms} ms with {refused} forks refused",
-                {"tasks": last.tasks, "pids_max": limit, "hold_ms": p.hold_ms, "forks_refused": refused},
-            ),
-        ),
-        tasks=last.tasks,
-        first_sign_ns=held[0].t_ns,
-        at_ns=now_ns,
-    )
+    return first, max((last.t_ns - first.t_ns) / 1e9, 1e-3), f"higher in every quarter of {p.long_window_ms} ms"
 
 
-def fork_failures(cgroup: str, hist: History, now_ns: int, p: ForkFailureParams) -> Verdict | None:
-    """Forks refused at pids.max (pids.events 'max') at a rate only a retrying bomb produces."""
-    if not p.enabled:
-        return None
-    last = hist.last
-    if last is None or last.forks_refused is None:
-        return None
-    span = _since_before(hist, now_ns - p.window_ms * MS, partial=True)
-    span = [s for s in span or [] if s.forks_refused is not None]
-    if len(span) < 2:
-        return None
-    base = span[0]
-    refused = last.forks_refused - base.forks_refused
-    if refused < p.min_failures:
-        return None
-    span_ms = max((last.t_ns - base.t_ns) / MS, 1.0)
-    return Verdict(
-        cgroup=cgroup,
-        detector="fork-failures",
-        reasons=(
-            Reason(
-                "forks-refused",
-                f"{refused} forks refused at pids.max {last.pids_max} within {span_ms:.0f} ms",
-                {"forks_refused": refused, "span_ms": round(span_ms, 1), "pids_max": last.pids_max, "tasks": last.tasks},
-            ),
-        ),
-        tasks=last.tasks,
-        first_sign_ns=base.t_ns,
-        at_ns=now_ns,
-    )
+def holds_most(tasks: int, peers: Iterable[int]) -> bool:
+    """A budget verdict measures the limit group, which cgroups may share (the containers of one
+    pod, under the pod's pids.max): the runaway is the one holding the most of it, and a verdict
+    on any other cgroup under that limit is its neighbour's. ``peers``: the own tasks of the
+    other watched cgroups under the same limit, nested ones excluded (narrowing handles those)."""
+    return all(tasks >= t for t in peers)
+
+
+RULES = (pinned, fill_hold, trajectory)

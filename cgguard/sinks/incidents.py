@@ -29,8 +29,12 @@ class Incident:
     action: str
     reasons: list[dict[str, Any]]
     tasks_at_detection: int
-    detector: str
+    detector: str  # the rule: pinned, fill-hold, trajectory, lineage
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    evidence: str = ""  # what decided: budget, trajectory or lineage
+    budget: int | None = None  # the task budget the verdict measured against
+    budget_source: str = ""  # v2:<cgroup>, v1:<pids cgroup> or default
+    tenant: str = ""  # whose kill budget the action spent
     time: float = field(default_factory=time.time)
     peak_tasks: int | None = None
     detect_ms: float | None = None
@@ -79,6 +83,23 @@ class IncidentLog:
                     os.fsync(fd)
         finally:
             os.close(fd)
+
+    def open_incidents(self) -> list[dict[str, Any]]:
+        """Incidents whose last record is still "detected": the agent stopped mid-action."""
+        return [i for i in read(self.path).incidents if i.get("result") == "detected"]
+
+    def close_interrupted(self, record: dict[str, Any], note: str) -> dict[str, Any]:
+        """Close an open incident with result "interrupted" (same id), and say why."""
+        out = {**record, "result": "interrupted", "notes": [*(record.get("notes") or []), note]}
+        line = json.dumps(out, sort_keys=True, default=str) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return out
 
     def count(self) -> int:
         """Incidents in the log (earlier runs included)."""

@@ -80,18 +80,22 @@ def test_protected_cgroup_is_never_touched(sandbox, agent_factory):
     sandbox.kill(bomb)
 
 
-def test_kill_budget_limits_actions(tmp_path, sandbox, agent_factory):
+def test_kill_budget_spent_freezes_the_next_runaway_instead(tmp_path, sandbox, agent_factory):
+    """One tenant (the delegated tree sandbox/t, watched as t/**) with a budget of one kill: its
+    second bomb is frozen -- it cannot grow -- and reported, never left running."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("kill_budget: {max_actions: 1, per_seconds: 600}\n")
-    a_cg, b_cg = sandbox.cgroup("a"), sandbox.cgroup("b")
-    agent = agent_factory([f"{sandbox.name}/*"], "--config", str(cfg))
+    a_cg, b_cg = sandbox.cgroup("t/a"), sandbox.cgroup("t/b")
+    agent = agent_factory([f"{sandbox.name}/t/**"], "--config", str(cfg))
     sandbox.spawn(bomb_argv(secs=5), a_cg, deadline_s=7, cap=300)
     first = agent.wait_incident(a_cg)
-    assert first["result"] in ("removed", "gone")
+    assert first["result"] in ("removed", "gone") and first["tenant"] == f"cgroup:{sandbox.name}/t"
     bomb2 = sandbox.spawn(bomb_argv(secs=5), b_cg, deadline_s=7, cap=300)
     second = agent.wait_incident(b_cg)
-    assert second["action"] == "report" and any("budget" in n for n in second["notes"])
-    assert len(sandbox.live_pids(bomb2)) > 10
+    assert second["action"] == "freeze" and second["result"] == "frozen", second
+    assert any("budget" in n for n in second["notes"])
+    assert sandbox.fs.frozen(b_cg) and len(sandbox.live_pids(bomb2)) > 10
+    sandbox.fs.freeze(b_cg, False)
     sandbox.kill(bomb2)
 
 

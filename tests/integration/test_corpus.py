@@ -69,8 +69,10 @@ def test_bomb_removed_with_no_survivors(corpus_env, name):
     w = WORKLOADS[name]
     if w.missing():
         pytest.skip(w.missing())
-    if w.zombies:
-        pytest.skip("a zombie pile is visible only through pids.current (pure cgroup v2): covered by the guest tests")
+    if w.zombies and sb.mode == "rlimit":
+        reason = "a zombie pile is visible only through a pids controller's count (v1 or v2); this host has neither"
+        print(reason)
+        pytest.skip(reason)
     cg = sb.cgroup(f"bomb-{name}")
     innocents = [sb.spawn(["sleep", "60"], cg, deadline_s=60) for _ in range(w.extra.get("innocents", 0))]
     time.sleep(0.2)

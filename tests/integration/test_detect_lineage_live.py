@@ -16,7 +16,8 @@ import time
 import pytest
 
 from cgguard.config import LineageDetect
-from cgguard.detect.lineage import detect_lineage
+from cgguard.detect.lineage import detect_lineage, qualifies
+from cgguard.state import lineage_scan
 from cgguard.state.lineage import LineageTree
 
 from connector import connector as _connector
@@ -31,15 +32,16 @@ P = LineageDetect()
 SEED_BOMB = "D=$((EPOCHSECONDS+4)); f(){ (( EPOCHSECONDS < D )) && { f|f & }; }; f"
 
 
-def watch_real(conn, tree, cg, until_s: float, stop=lambda: False):
+def watch_real(conn, tree, fs, cg, until_s: float, stop=lambda: False):
     """Read events and evaluate like the agent until a verdict, ``stop()`` or the deadline."""
     deadline = time.monotonic() + until_s
     while time.monotonic() < deadline:
         conn.wait(0.01)
         conn.read(tree, 65536)
+        tree.flush()
         if tree.loss_pending:
-            tree.resync([cg])
-        if tree.take_activity() or stop():
+            lineage_scan.resync(tree, fs, [cg])
+        if (tree.take_activity() and qualifies(tree, cg, time.monotonic_ns(), P)) or stop():
             v = detect_lineage(tree, cg, time.monotonic_ns(), P)
             if v is not None:
                 return v
@@ -73,10 +75,10 @@ def test_real_seed_bomb_is_flagged_with_its_bash_as_origin(sandbox):
         with realtime_reader():
             w = sb.spawn(["bash", "-c", SEED_BOMB], cg, deadline_s=5, cap=256)
             t0 = time.monotonic()
-            v = watch_real(conn, tree, cg, 4.0)
+            v = watch_real(conn, tree, sb.fs, cg, 4.0)
             took = time.monotonic() - t0
             tasks = sb.v1_current(w) if sb.mode == "v1-pids" else sb.fs.task_count(cg).tasks
-            assert v is not None, f"bomb not flagged; tree {tree.stats_dict()}"
+            assert v is not None, f"bomb not flagged; tree {tree.stats}"
             bash = w.proc.pid
             assert v.origin.pid == bash and v.origin.cmdline == "bash -c " + SEED_BOMB
             assert v.family >= P.min_family and len(v.members) >= P.min_family
@@ -118,7 +120,7 @@ def test_real_parallel_work_is_not_flagged(sandbox, script):
                 time.monotonic() - started > 0.5 and sum(1 for r in tree.records_in(cg) if r.alive) >= 301
             )
 
-        v = watch_real(conn, tree, cg, 6.0, stop=settled)
+        v = watch_real(conn, tree, sb.fs, cg, 6.0, stop=settled)
         assert v is None, v.summary()
         assert detect_lineage(tree, cg, time.monotonic_ns(), P) is None
         assert sum(1 for r in tree.records_in(cg) if r.alive) >= 300 or w.proc.poll() is not None

@@ -136,19 +136,19 @@ def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path
         time.sleep(0.3)  # let the agent read the fork events
         node = agent.watcher.nodes[cg]
         now = agent.clock()
-        fake = Verdict(cg, "saturation", (Reason("pids-max-saturated", "test verdict", {}),), 22, now, now)
+        fake = Verdict(cg, "pinned", (Reason("pinned-at-limit", "test verdict", {}),), 22, now, now, evidence="budget")
         # The verdict goes through the real decision path on the agent's own loop thread (which
         # owns the tree): hooked into the loop's per-iteration step, once.
         done = threading.Event()
-        orig = agent._collect_results
+        orig = agent._tick
 
-        def inject():
+        def inject(now_ns):
             agent._on_verdict(node, fake)
-            agent._collect_results = orig
+            agent._tick = orig
             done.set()
-            orig()
+            orig(now_ns)
 
-        agent._collect_results = inject
+        agent._tick = inject
         assert done.wait(5)
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:

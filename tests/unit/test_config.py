@@ -88,7 +88,7 @@ def test_check_config_ok_yaml_and_toml(tmp_path):
         ("watch: [", "not valid YAML"),
         ("- just\n- a list\n", "mapping"),
         ("watch: ['/x']\n", "watch[0]"),
-        ("detect:\n  growth:\n    min_factor: 0.5\n", "detect.growth.min_factor"),
+        ("detect:\n  trajectory:\n    min_usage: 1.5\n", "detect.trajectory.min_usage"),
     ],
 )
 def test_check_config_bad_file_one_line_exit_2(tmp_path, text, needle):

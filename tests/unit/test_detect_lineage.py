@@ -1,24 +1,25 @@
-"""The lineage detector: bomb shapes are found well before 256 tasks, parallel work is spared.
+"""The lineage detector: families that abandon their copies are found early, bounded work is spared.
 
-Unit tests drive synthetic event streams through a LineageTree (see ``Sim`` in
-tests/lineage_sim.py) and call the detector the way the agent does: the cheap pre-check after every
-batch of events, a full evaluation when it says so. Benign shapes are also evaluated after
-every batch regardless of the pre-check, so a pre-check that hides a false positive would not
-pass. Integration tests run real bombs inside a contained Sandbox.
+Synthetic event streams go through a LineageTree (``Sim`` in tests/lineage_sim.py) and the
+detector is called the way the agent calls it: after each burst of events, the cheap check on
+the per-cgroup abandonment counts, then the full evaluation when they qualify. Benign shapes are
+evaluated after every step regardless of the check (``strict``), so a check that hid a false
+positive would not pass. Real processes are in tests/integration/test_detect_lineage_live.py.
 """
 
 from __future__ import annotations
 
 import os
 
+import pytest
+from lineage_sim import MS, S, Sim
 
-from cgguard.detect import Verdict
 from cgguard.config import LineageDetect
-from cgguard.detect.lineage import detect_lineage, worst_lineage
+from cgguard.detect import Verdict
+from cgguard.kernel.procfs import ProcStat
+from cgguard.detect.lineage import detect_lineage, qualifies, worst_lineage
 from cgguard.state.lineage import LineageTree
 from cgguard.testkit.cnproc import replay
-
-from lineage_sim import MS, S, Sim
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 P = LineageDetect()
@@ -42,10 +43,12 @@ class Watch:
         self.check()
 
     def check(self) -> None:
-        hot = self.sim.tree.take_activity()
-        if self.strict or hot:
+        tree = self.sim.tree
+        tree.flush()
+        hot = tree.take_activity()
+        if self.strict or (hot and qualifies(tree, "sim", self.sim.t, P)):
             self.evaluations += 1
-            v = detect_lineage(self.sim.tree, "sim", self.sim.t, P)
+            v = detect_lineage(tree, "sim", self.sim.t, P)
             if v is not None and self.verdict is None:
                 self.verdict = v
                 self.live_at_verdict = self.sim.live_in_scope()
@@ -90,17 +93,17 @@ def run_pipe_bomb(
 def assert_bomb(w: Watch, origin_pid: int, origin_alive: bool, max_live: int = 128) -> Verdict:
     v = w.verdict
     assert v is not None, "bomb not flagged"
-    assert v.detector == "lineage"
+    assert v.detector == "lineage" and v.evidence == "lineage"
     assert w.live_at_verdict is not None and w.live_at_verdict <= max_live, w.live_at_verdict
     assert v.origin.pid == origin_pid and v.origin.alive == origin_alive
-    assert v.family >= P.min_family and v.depth >= P.min_generations
+    assert v.family >= P.min_family
     rules = {r.rule: r.values for r in v.reasons}
-    assert rules["lineage-replication"]["generations"] >= P.min_generations
-    assert rules["lineage-replication"]["forkers"] >= P.min_forkers
-    assert rules["lineage-growth"]["growth_per_s"] > 0
+    assert rules["lineage-abandoning-replication"]["generations"] >= P.min_generations
+    assert rules["lineage-abandoning-replication"]["abandoners"] >= P.min_abandoners
+    assert rules["lineage-family"]["born"] > 0
     # Every live member of the lineage was a live process of the bomb.
     assert {pid for pid, _ in v.members} <= w.live_pids_at_verdict
-    assert v.first_sign_ns <= v.at_ns
+    assert v.first_sign_ns <= v.at_ns and v.complete
     return v
 
 
@@ -147,39 +150,31 @@ def run_loop_bomb(sim: Sim, w: Watch, origin: int, gap: int, cap: int = 256) -> 
     w.check()
 
 
-def test_python_fork_loop_bomb():
+@pytest.mark.parametrize("gap", [60_000, 15_000], ids=["python", "c"])
+def test_fork_loop_bombs_that_never_exit_are_left_to_the_budget_rules(gap):
+    """``while True: os.fork()``: nobody exits, so nobody abandons anything; the same shape up
+    to any size is a pool filling up. Budget and trajectory remove it (test_detect_cgroup, the
+    integration tests); lineage names its origin for them (worst_lineage)."""
     sim = Sim()
-    w = Watch(sim)
+    w = Watch(sim, strict=True)
     py = sim.start("python3", "python3 -c while True: os.fork()")
-    run_loop_bomb(sim, w, py, gap=60_000)
-    v = assert_bomb(w, py, origin_alive=True, max_live=128)
-    assert (py, v.origin.start_ns) in v.members, "a live origin that keeps forking is part of the kill"
+    run_loop_bomb(sim, w, py, gap=gap)
+    assert w.verdict is None
+    v = worst_lineage(sim.tree, "sim", sim.t, P)
+    assert v is not None and v.origin.pid == py and v.family == 255
 
 
-def test_c_fork_loop_bomb_stays_flagged_at_the_cap():
+def test_slow_bomb_that_waits_is_left_to_the_budget_rules():
+    """f(){ sleep 0.3; f & f & wait; }: unbounded, but shaped like a parallel merge sort until it
+    passes half its budget. Trajectory removes it there."""
     sim = Sim()
-    w = Watch(sim, batch=64)
-    a = sim.start("a.out", "./a.out")
-    run_loop_bomb(sim, w, a, gap=15_000)
-    assert_bomb(w, a, origin_alive=True, max_live=160)
-    # Pinned at pids.max no more forks arrive; the family is still a bomb seconds later.
-    sim.tick(20 * S)
-    assert detect_lineage(sim.tree, "sim", sim.t, P) is not None
-
-
-def test_slow_bomb_doubling_every_300ms():
-    sim = Sim()
-    w = Watch(sim)
-    b = sim.start("bash", "bash -c f(){ sleep 0.3; f & f & }; f")
-
-    def sleep_first(frontier):
-        sleeps = [sim.spawn(p, "sleep", "sleep 0.3", dt=200_000) for p in frontier]
+    w = Watch(sim, strict=True)
+    level = [sim.start("bash", "bash -c f(){ sleep 0.3; f & f & wait; }; f")]
+    for _ in range(7):
         sim.tick(300 * MS)
-        for s in sleeps:
-            sim.exit(s, dt=10_000)
-
-    run_pipe_bomb(sim, w, b, origin_exits=True, each_generation=sleep_first)
-    assert_bomb(w, b, origin_alive=False, max_live=80)
+        level = [sim.fork(p) for p in level for _ in range(2)]
+        w.step(len(level))
+    assert_spared(w)
 
 
 def test_setsid_double_fork_bomb():
@@ -200,20 +195,31 @@ def test_setsid_double_fork_bomb():
     assert_bomb(w, py, origin_alive=True, max_live=128)
 
 
-def test_self_exec_script_bomb():
+def test_exec_chain_bomb_with_a_new_command_line_every_generation():
+    """A script that runs itself again with a generation counter, twice, and exits: every member
+    execs into another command line, so no member is a clone; abandonment still adds up."""
     sim = Sim()
     w = Watch(sim)
-    b = sim.start("bomb.sh", "bash ./bomb.sh")
-    run_pipe_bomb(sim, w, b, origin_exits=True, child=lambda p: sim.spawn(p, "bomb.sh", "bash ./bomb.sh", dt=300_000))
-    assert_bomb(w, b, origin_alive=False, max_live=64)
+    b = sim.start("bash", "bash ./bomb.sh 0")
+    gen = {b: 0}
+
+    def child(p):
+        c = sim.spawn(p, "bash", f"bash ./bomb.sh {gen[p] + 1}", dt=300_000)
+        gen[c] = gen[p] + 1
+        return c
+
+    run_pipe_bomb(sim, w, b, origin_exits=True, child=child)
+    v = assert_bomb(w, b, origin_alive=False, max_live=64)
+    assert v.origin.cmdline == "bash ./bomb.sh 0"
 
 
 def test_recorded_bash_bomb_stream():
     """A real `f(){ f|f & }; f` recorded through the proc connector (cap 256, first 0.6 s,
     ProcConnector.record_to, then keep_lineage to the bash's descendants) and replayed."""
     path = os.path.join(DATA, "bash-bomb.cnproc")
-    tree = LineageTree(in_scope=lambda cg: True, cgroup_of=lambda pid: "rec", proc=_NoProc())
-    origin = _recording_origin(path)
+    origin, start = _recording_origin(path)
+    # The bash is alive at its first fork, when the tree sights it through /proc.
+    tree = LineageTree(in_scope=lambda cg: True, cgroup_of=lambda pid: "rec", proc=_OriginProc(origin, start))
     # The recording starts with the exec of the bomb's bash: feed events in batches.
     verdicts = []
 
@@ -226,7 +232,7 @@ def test_recorded_bash_bomb_stream():
             def call(*a):
                 fn(*a)
                 Batcher.n += 1
-                if Batcher.n % 64 == 0 and not verdicts and tree.take_activity():
+                if Batcher.n % 64 == 0 and not verdicts and tree.take_activity() and qualifies(tree, "rec", a[0], P):
                     v = detect_lineage(tree, "rec", a[0], P)
                     if v is not None:
                         verdicts.append((v, tree.stats.live))
@@ -236,25 +242,30 @@ def test_recorded_bash_bomb_stream():
     replay(path, Batcher())
     assert verdicts, "recorded bomb not flagged"
     v, live = verdicts[0]
-    assert v.origin.pid == origin and not v.origin.alive
+    assert v.origin.pid == origin and not v.origin.alive and v.origin.cmdline == "bash -c f(){ f|f & }; f"
     assert live < 128
 
 
-class _NoProc:
+class _OriginProc:
+    """A /proc that knows only the recording's bash."""
+
+    def __init__(self, pid: int, start_ns: int):
+        self.pid, self.start_ns = pid, start_ns
+
     def stat(self, pid):
-        return None
+        return ProcStat(pid, "bash", "S", 1, self.start_ns, 1) if pid == self.pid else None
 
     def cmdline(self, pid):
-        return None
+        return "bash -c f(){ f|f & }; f" if pid == self.pid else None
 
 
-def _recording_origin(path: str) -> int:
+def _recording_origin(path: str) -> tuple[int, int]:
     from cgguard.kernel.procconn import PROC_EVENT_EXEC
     from cgguard.testkit.cnproc import iter_events
 
     for ev in iter_events(path):
         if ev[0] == PROC_EVENT_EXEC:
-            return ev[3]
+            return ev[3], ev[1]
     raise AssertionError("no exec in recording")
 
 
@@ -472,30 +483,8 @@ def test_worst_lineage_is_the_seed_choice():
     assert detect_lineage(sim.tree, "sim", sim.t, P) is None
 
 
-def test_precheck_is_cheap_and_quiet_for_builds():
-    sim = Sim()
-    make = sim.start("make", "make -j8")
-    for i in range(50):
-        compile_job(sim, make, i)
-        assert sim.tree.deep_forks_since("sim") is None
-
-
-def test_wide_shallow_fork_loop_bush_is_flagged():
-    """A fork-loop bomb on a busy 2-core host can fill its cap as a bush only 3-4 clone
-    generations deep (measured: the C loop at pids.max 1024 gave chain 4 and ~100 forkers) and
-    never reach min_generations. The wide rule catches it; the bounded worker tree above (fan-out
-    5, depth 3, 31 forkers, 155 processes) stays below it."""
-    sim = Sim()
-    w = Watch(sim, strict=True)
-    grow_tree(sim, w, sim.start("cbomb", "./cbomb 8"), (40, 8, 2, 1), dt=20_000)
-    assert w.verdict is not None
-    assert w.verdict.reasons[0].values["rule"] == "wide"
-    assert w.live_at_verdict is not None and w.live_at_verdict < 1024
-
-
 def test_bounded_tree_running_a_command_per_leaf_is_spared():
-    """The bench's 'tree': bash subshells fan-out 5, depth 3, each leaf starting a 'sleep'. Its
-    forkers (156) and clone chain (4) look like the wide bush; only its size (312) is smaller."""
+    """The bench's 'tree': bash subshells fan-out 5, depth 3, each leaf starting a 'sleep'."""
     sim = Sim()
     w = Watch(sim, strict=True)
     leaves = grow_tree(sim, w, sim.start("bash", "bash -c t(){ ...; }; t 3"), (5, 5, 5), dt=100_000)
@@ -506,3 +495,123 @@ def test_bounded_tree_running_a_command_per_leaf_is_spared():
         w.step()
     assert sim.live_in_scope() == 156 + 125
     assert_spared(w)
+
+
+def wait_tree(sim: Sim, w: Watch, node: int, fanout: int, depth: int, leaf=None) -> None:
+    """Bounded divide and conquer: fork ``fanout`` copies, recurse, then wait for them (children
+    exit before their parent)."""
+    if depth == 0:
+        if leaf is not None:
+            leaf(node)
+        return
+    kids = [sim.fork(node, dt=50_000) for _ in range(fanout)]
+    w.step(len(kids))
+    for k in kids:
+        wait_tree(sim, w, k, fanout, depth - 1, leaf)
+    for k in kids:
+        sim.exit(k, dt=20_000)
+        w.step()
+
+
+def test_parallel_merge_sort_depth_6():
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    wait_tree(sim, w, sim.start("python3", "python3 msort.py"), 2, 6)
+    assert_spared(w)
+
+
+def test_parallel_directory_walk_with_a_subshell_per_directory():
+    """walk(){ for d in "$1"/*/; do (walk "$d") & done; wait; } five levels deep, ls at the leaves."""
+    sim = Sim()
+    w = Watch(sim, strict=True)
+
+    def leaf(p):
+        ls = sim.spawn(p, "ls", "ls -l")
+        sim.exit(ls)
+        w.step(2)
+
+    wait_tree(sim, w, sim.start("bash", "bash walk.sh /srv"), 2, 5, leaf)
+    assert_spared(w)
+
+
+def test_bounded_binary_worker_tree_depth_6():
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    wait_tree(sim, w, sim.start("bash", "bash tree.sh 6"), 2, 6, leaf=lambda p: sim.tick(MS))
+    assert_spared(w)
+
+
+def fire_and_forget(sim: Sim, w: Watch, node: int, fanout: int, depth: int) -> None:
+    """Each member forks its copies and exits without waiting (no result is ever collected)."""
+    level = [node]
+    for _ in range(depth):
+        nxt = []
+        for p in level:
+            nxt += [sim.fork(p, dt=50_000) for _ in range(fanout)]
+            sim.exit(p, dt=10_000)
+            w.step(fanout + 1)
+        level = nxt
+
+
+def test_daemons_and_detached_jobs_abandon_for_a_generation_or_two():
+    """A shell starting background jobs and exiting, each job daemonizing by double fork."""
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    for _ in range(20):
+        sh = sim.start("bash", "bash start-services.sh")
+        for _ in range(3):
+            job = sim.spawn(sh, "svc", "svc --daemon")
+            first = sim.fork(job)
+            sim.exit(job)
+            second = sim.fork(first)
+            sim.exit(first)
+            w.step(5)
+            assert second
+        sim.exit(sh)
+    assert_spared(w)
+
+
+def test_a_shallow_fire_and_forget_tree_is_spared():
+    sim = Sim()
+    w = Watch(sim, strict=True)
+    fire_and_forget(sim, w, sim.start("bash", "bash fanout.sh"), 4, P.min_generations - 1)
+    assert_spared(w)
+
+
+def test_documented_limit_a_deep_fire_and_forget_tree_is_taken_for_a_bomb():
+    """The README says so: a bounded program that forks copies which fork copies and exit,
+    min_generations deep, is indistinguishable from :(){ :|:& };: until it stops. An allow rule
+    (relax) is the way to run one."""
+    sim = Sim()
+    w = Watch(sim)
+    root = sim.start("bash", "bash fanout.sh")
+    fire_and_forget(sim, w, root, 2, P.min_generations + 2)
+    w.check()
+    assert w.verdict is not None and w.verdict.origin.pid == root
+
+
+def test_a_family_with_members_known_only_from_proc_is_incomplete():
+    """The agent started while a bomb ran: a /proc scan gives records without their lineage. A
+    verdict on the family must say so, so that nothing of it is spared as a neighbour."""
+    sim = Sim()
+    w = Watch(sim)
+    b = sim.start("bash", "bash -c f(){ f|f & }; f")
+    orphan = sim.fork(b)  # a member whose events the agent never saw ...
+    sim.tree.on_exit(sim.t, orphan, orphan, 0, 0)
+    sim.procs[orphan].ppid = 1  # ... and whose parent exited, as a bomb's parents do
+    sim.tick(MS)
+    sim.adopt()  # found again by a scan: a root record, young, from /proc
+    run_pipe_bomb(sim, w, b, origin_exits=True)
+    assert w.verdict is not None and not w.verdict.complete
+
+
+def test_a_member_sighted_from_proc_under_a_tracked_parent_keeps_the_family_whole():
+    sim = Sim()
+    w = Watch(sim)
+    b = sim.start("bash", "bash -c f(){ f|f & }; f")
+    kid = sim.fork(b)
+    sim.tree.on_exit(sim.t, kid, kid, 0, 0)  # its events missed, but its parent is alive
+    sim.adopt()
+    assert sim.tree.get(kid).parent is sim.tree.get(b)
+    run_pipe_bomb(sim, w, b, origin_exits=True)
+    assert w.verdict is not None and w.verdict.complete
