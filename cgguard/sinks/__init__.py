@@ -7,7 +7,10 @@ metrics read by ``name``) and ``close()`` (bounded, even if a hook hangs).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -36,6 +39,31 @@ def incident_snapshot(inc: Incident) -> dict[str, Any]:
         elif isinstance(v, dict):
             d[k] = dict(v)
     return d
+
+
+class LogLimit:
+    """Warnings of one sink at most once per ``interval_s``; the rest go to debug and are counted
+    in the next warning. A dead endpoint during an incident storm must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0):
+        self.log = logger
+        self.interval_s = interval_s
+        self._last = -interval_s
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            loud = now - self._last >= self.interval_s
+            if loud:
+                self._last, n, self._suppressed = now, self._suppressed, 0
+            else:
+                self._suppressed += 1
+        if loud:
+            self.log.warning(msg + (f" ({n} similar messages since the last one at debug level)" if n else ""), *args)
+        else:
+            self.log.debug(msg, *args)
 
 
 def build_sinks(cfg: Config) -> list[Sink]:

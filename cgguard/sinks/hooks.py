@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cgguard import __version__
-from cgguard.sinks import incident_snapshot
+from cgguard.sinks import LogLimit, incident_snapshot
 from cgguard.sinks.incidents import Incident
 
 log = logging.getLogger("cgguard.sinks.hooks")
@@ -132,6 +132,7 @@ class HookRunner:
         self._counts = {"ok": 0, "failed": 0, "timeout": 0, "dropped": 0}
         self._closed = False
         self._abort = False
+        self._warn = LogLimit(log)
         # Written once at close(): every worker's selector sees it and kills its hook at once.
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._workers = [
@@ -229,17 +230,20 @@ class HookRunner:
                 env=hook_env(run.rec, run.phase),
             )
         except (OSError, ValueError) as e:
-            log.warning("hook %s: cannot start: %s", run.argv[0], getattr(e, "strerror", None) or e)
+            self._warn.warning("hook %s: cannot start: %s", run.argv[0], getattr(e, "strerror", None) or e)
             return "failed"
-        exited, out = self._supervise(proc, data)
-        # The leader is not reaped yet (a zombie at worst), so its pid still names its process
-        # group and cannot have been reused: killing the group hits only what the hook started.
+        exited, out = False, b""
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as e:
-            log.warning("hook %s: kill: %s", run.argv[0], e.strerror)
+            exited, out = self._supervise(proc, data)
+        finally:
+            # The leader is not reaped yet (a zombie at worst), so its pid still names its process
+            # group and cannot have been reused: killing the group hits only what the hook started.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except OSError as e:
+                log.warning("hook %s: kill: %s", run.argv[0], e.strerror)
         try:
             rc = proc.wait(5.0)
         except subprocess.TimeoutExpired:  # stuck in the kernel (D state); reaped later by subprocess
@@ -249,10 +253,10 @@ class HookRunner:
         if result == "ok":
             log.debug("hook %s (%s, %s): ok; output: %r", run.argv[0], run.phase, run.rec.get("id"), out)
         elif result == "failed":
-            log.warning("hook %s (%s, %s): exit %s; output: %r", run.argv[0], run.phase, run.rec.get("id"), rc, out)
+            self._warn.warning("hook %s (%s, %s): exit %s; output: %r", run.argv[0], run.phase, run.rec.get("id"), rc, out)
         else:
             why = "cgguard is stopping" if self._abort else f"timeout {self.timeout_s:g}s"
-            log.warning("hook %s (%s, %s): killed (%s); output: %r", run.argv[0], run.phase, run.rec.get("id"), why, out)
+            self._warn.warning("hook %s (%s, %s): killed (%s); output: %r", run.argv[0], run.phase, run.rec.get("id"), why, out)
         return result
 
     def _supervise(self, proc: subprocess.Popen[bytes], data: bytes) -> tuple[bool, bytes]:
@@ -263,10 +267,14 @@ class HookRunner:
         out = bytearray()
         exited = eof = False
         sel = selectors.DefaultSelector()
-        pidfd = os.pidfd_open(proc.pid)
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+        except (OSError, AttributeError):  # before Linux 5.3: look with waitid(WNOWAIT) instead
+            pidfd = None
         try:
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
+            if pidfd is not None:
+                sel.register(pidfd, selectors.EVENT_READ, "exit")
             os.set_blocking(proc.stdout.fileno(), False)
             sel.register(proc.stdout, selectors.EVENT_READ, "out")
             os.set_blocking(proc.stdin.fileno(), False)
@@ -276,11 +284,15 @@ class HookRunner:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                for key, _ in sel.select(remaining):
+                events = sel.select(remaining if pidfd is not None else min(remaining, 0.05))
+                if pidfd is None and not exited and _has_exited(proc.pid, None):
+                    exited = True
+                    deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
+                for key, _ in events:
                     tag = key.data
                     if tag == "exit":
                         exited = True
-                        sel.unregister(pidfd)
+                        sel.unregister(key.fileobj)
                         deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
                     elif tag == "out":
                         chunk = os.read(proc.stdout.fileno(), 65536)
@@ -299,10 +311,11 @@ class HookRunner:
                             proc.stdin.close()
             if not exited:
                 # A last look: it may have exited just as the deadline passed.
-                exited = _has_exited(pidfd)
+                exited = _has_exited(proc.pid, pidfd)
         finally:
             sel.close()
-            os.close(pidfd)
+            if pidfd is not None:
+                os.close(pidfd)
             for f in (proc.stdin, proc.stdout):
                 try:
                     f.close()
@@ -311,10 +324,16 @@ class HookRunner:
         return exited, bytes(out)
 
 
-def _has_exited(pidfd: int) -> bool:
-    p = select.poll()
-    p.register(pidfd, select.POLLIN)
-    return bool(p.poll(0))
+def _has_exited(pid: int, pidfd: int | None) -> bool:
+    """Has the child exited? Never reaps it: its pid must keep naming its process group."""
+    if pidfd is not None:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        return bool(p.poll(0))
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 # -- webhook ---------------------------------------------------------------------------------
@@ -384,6 +403,7 @@ class Webhook:
         self._closing = threading.Event()
         self._abort = False
         self._conn: http.client.HTTPConnection | None = None
+        self._warn = LogLimit(log)
         self._thread = threading.Thread(target=self._work, name="cgguard-webhook", daemon=True)
         self._thread.start()
 
@@ -467,7 +487,7 @@ class Webhook:
                 self._count("delivered")
                 return
             if not retryable or attempt >= self.retries or self._closing.is_set():
-                log.warning("webhook %s: incident %s (%s) not delivered: %s", self.url, rec.get("id"), phase, why)
+                self._warn.warning("webhook %s: incident %s (%s) not delivered: %s", self.url, rec.get("id"), phase, why)
                 self._count("failed")
                 return
             attempt += 1
@@ -475,7 +495,7 @@ class Webhook:
             delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
             log.debug("webhook %s: %s; retry %d in %.2fs", self.url, why, attempt, delay)
             if self._closing.wait(delay):
-                log.warning("webhook %s: incident %s (%s) not delivered: %s (stopping)", self.url, rec.get("id"), phase, why)
+                self._warn.warning("webhook %s: incident %s (%s) not delivered: %s (stopping)", self.url, rec.get("id"), phase, why)
                 self._count("failed")
                 return
 

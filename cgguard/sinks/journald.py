@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from cgguard.sinks import incident_snapshot
+from cgguard.sinks import LogLimit, incident_snapshot
 from cgguard.sinks.incidents import Incident
 
 log = logging.getLogger("cgguard.sinks.journal")
@@ -191,7 +191,7 @@ class JournalSink:
         self._failed = 0
         self.sent_memfd = 0  # entries that needed the memfd path (tests and debugging)
         self._closed = False
-        self._warned = False
+        self._warn = LogLimit(log)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="cgguard-journal", daemon=True)
         self._thread.start()
@@ -231,14 +231,7 @@ class JournalSink:
             else:
                 self._failed += 1
         if not ok:
-            # Once loudly, then quietly: with no journald every incident would warn again.
-            if not self._warned:
-                self._warned = True
-                log.warning("journal %s: %s (further failures at debug level)", self.socket_path, why)
-            else:
-                log.debug("journal %s: %s", self.socket_path, why)
-        else:
-            self._warned = False
+            self._warn.warning("journal %s: entry not sent: %s", self.socket_path, why)
 
     def _run(self) -> None:
         while True:

@@ -233,6 +233,21 @@ def test_leftovers_of_a_finished_hook_are_killed(tmp_path, closing):
     assert group_members(int((tmp_path / "leader").read_text())) == []
 
 
+def test_without_pidfd(tmp_path, closing, monkeypatch):
+    """Kernels before 5.3 have no pidfd_open: exits are seen with waitid(WNOWAIT) instead."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    runner = HookRunner(["cat > /dev/null", "exit 4", f"echo $$ > {tmp_path}/leader; sleep 1000"], timeout_s=1.0)
+    closing.append(runner)
+    runner.incident(incident(result="removed"))
+    wait_for(lambda: sum(runner.stats().values()) == 3, "three runs")
+    assert runner.stats() == {"ok": 1, "failed": 1, "timeout": 1, "dropped": 0}
+    assert group_members(int((tmp_path / "leader").read_text())) == []
+
+
 def test_concurrency_limit_holds(board, closing):
     runner = HookRunner([board.command], max_concurrent=3, queue=64, timeout_s=120)
     closing.append(runner)
