@@ -295,7 +295,10 @@ class HookRunner:
                         sel.unregister(key.fileobj)
                         deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
                     elif tag == "out":
-                        chunk = os.read(proc.stdout.fileno(), 65536)
+                        try:
+                            chunk = os.read(proc.stdout.fileno(), 65536)
+                        except BlockingIOError:
+                            continue
                         if not chunk:
                             eof = True
                             sel.unregister(proc.stdout)
@@ -304,6 +307,8 @@ class HookRunner:
                     elif tag == "in":
                         try:
                             view = view[os.write(proc.stdin.fileno(), view[:65536]) :]
+                        except BlockingIOError:
+                            continue
                         except BrokenPipeError:
                             view = view[:0]  # the hook does not read its stdin: fine
                         if not view:
