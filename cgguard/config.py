@@ -7,6 +7,7 @@ are also the source of the configuration reference in the README (``cgguard conf
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from enum import Enum
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -245,6 +247,127 @@ class Tracking(_Model):
     rcvbuf_mib: int = Field(32, ge=1, le=1024, description="Proc connector receive buffer.")
 
 
+class Journal(_Model):
+    """The systemd journal: one structured entry per finished incident (native protocol)."""
+
+    enabled: bool | str = Field(
+        "auto", description="auto: on when the journal socket exists at start; true: always (failures are counted); false: off."
+    )
+    socket: str = Field("/run/systemd/journal/socket", description="journald's native socket.")
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _enabled(cls, v: Any) -> bool | str:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lower() in ("auto", "true", "false", "yes", "no", "on", "off"):
+            w = v.strip().lower()
+            return "auto" if w == "auto" else w in ("true", "yes", "on")
+        raise ValueError("must be auto, true or false")
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        if len(v.encode()) > 107 or "\0" in v:
+            raise ValueError("not a usable unix socket path (at most 107 bytes, no NUL)")
+        return v
+
+
+def _finite_int(v: Any) -> Any:
+    # pydantic turns 1e400 into inf before the int check; say what is wrong in one line.
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+FiniteInt = Annotated[int, BeforeValidator(_finite_int)]
+
+
+class Webhook(_Model):
+    """An HTTP(S) endpoint that receives each incident record as a JSON POST (null: none)."""
+
+    url: str | None = Field(None, description="http:// or https:// URL to POST incidents to; unset: no webhook.")
+    timeout_ms: FiniteInt = Field(5000, ge=100, le=600_000, description="Per attempt: connecting and each read.")
+    queue: FiniteInt = Field(256, ge=1, le=100_000, description="Incidents waiting for delivery; beyond it they are dropped (counted).")
+    retries: FiniteInt = Field(5, ge=0, le=100, description="Retries after a failed attempt (connection error, timeout, 408/425/429/5xx).")
+    backoff_ms: FiniteInt = Field(500, ge=1, le=3_600_000, description="First retry delay; doubles each retry, with jitter.")
+    max_backoff_ms: FiniteInt = Field(30000, ge=1, le=3_600_000, description="Cap of the retry delay.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v.strip())
+        if u.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        try:
+            u.port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            raise ValueError("has a bad port") from None
+        if not u.hostname or any(c in v for c in " \t\r\n\0"):
+            raise ValueError("is not a valid URL")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _complete(self) -> Webhook:
+        if self.url is None and self.model_fields_set - {"url"}:
+            raise ValueError("url is required when the webhook is configured")
+        if self.max_backoff_ms < self.backoff_ms:
+            raise ValueError("max_backoff_ms must not be below backoff_ms")
+        return self
+
+
+class Hooks(_Model):
+    """Commands run (and a webhook called) at each incident's detection and result."""
+
+    on_incident: list[str | list[str]] = Field(
+        default_factory=list,
+        description="Commands: a list of argv strings, or a string run with /bin/sh -c; incident JSON on stdin, CGGUARD_* env.",
+    )
+    timeout_ms: FiniteInt = Field(10000, ge=100, le=3_600_000, description="Per run; then the hook's process group is killed.")
+    max_concurrent: FiniteInt = Field(4, ge=1, le=64, description="Hooks running at once.")
+    queue: FiniteInt = Field(64, ge=1, le=100_000, description="Runs waiting to start; beyond it they are dropped (counted).")
+    webhook: Webhook = Field(default_factory=Webhook, description="The webhook (a mapping, or just its URL); null or no url: none.")
+
+    @field_validator("on_incident", mode="before")
+    @classmethod
+    def _commands(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ValueError("must be a list of commands")
+        for i, cmd in enumerate(v):
+            if isinstance(cmd, str):
+                if not cmd.strip():
+                    raise ValueError(f"command {i} is empty")
+                if "\0" in cmd:
+                    raise ValueError(f"command {i} contains a NUL byte")
+            elif isinstance(cmd, list):
+                if not cmd:
+                    raise ValueError(f"command {i} is an empty argv list")
+                if not all(isinstance(a, str) for a in cmd):
+                    raise ValueError(f"command {i}: every argv item must be a string")
+                if not cmd[0] or any("\0" in a for a in cmd):
+                    raise ValueError(f"command {i}: empty program or a NUL byte")
+            else:
+                raise ValueError(f"command {i} must be a string or a list of strings")
+        return v
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _webhook(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, str):  # shorthand: the URL alone
+            return {"url": v}
+        return v
+
+
 class Config(_Model):
     """cgguard configuration. Paths and globs are relative to the cgroup2 root."""
 
@@ -270,6 +393,8 @@ class Config(_Model):
     tracking: Tracking = Tracking()
     realtime: bool = Field(True, description="Run the agent at SCHED_RR priority 1 so a bomb cannot starve it.")
     log_level: str = Field("info", description="debug, info, warning or error.")
+    journal: Journal = Journal()
+    hooks: Hooks = Hooks()
 
     @field_validator("listen")
     @classmethod

@@ -1,1 +1,94 @@
-"""sinks"""
+"""Incident sinks: where the agent reports each incident besides the incident log.
+
+A sink has ``name``, ``incident(inc)`` (called on the agent's loop twice per incident: at
+detection and with the result; it must return at once and never raise), ``stats()`` (counters the
+metrics read by ``name``) and ``close()`` (bounded, even if a hook hangs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from cgguard.config import Config
+    from cgguard.sinks.incidents import Incident
+
+
+class Sink(Protocol):
+    name: str
+
+    def incident(self, inc: Incident) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+def incident_snapshot(inc: Incident) -> dict[str, Any]:
+    """The record as it is now. The agent keeps mutating the same Incident after the detection
+    call (result, notes, timings), and sinks read it later on their own threads, so the
+    containers are copied one level deep; this stays cheap enough for the detection loop."""
+    d = inc.to_dict()
+    for k, v in d.items():
+        if isinstance(v, list):
+            d[k] = list(v)
+        elif isinstance(v, dict):
+            d[k] = dict(v)
+    return d
+
+
+class LogLimit:
+    """Warnings of one sink at most once per ``interval_s``; the rest go to debug and are counted
+    in the next warning. A dead endpoint during an incident storm must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0):
+        self.log = logger
+        self.interval_s = interval_s
+        self._last = -interval_s
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            loud = now - self._last >= self.interval_s
+            if loud:
+                self._last, n, self._suppressed = now, self._suppressed, 0
+            else:
+                self._suppressed += 1
+        if loud:
+            self.log.warning(msg + (f" ({n} similar messages since the last one at debug level)" if n else ""), *args)
+        else:
+            self.log.debug(msg, *args)
+
+
+def build_sinks(cfg: Config) -> list[Sink]:
+    """The sinks the configuration asks for: the journal (on, or 'auto' and its socket exists),
+    the hook commands (when any are configured) and the webhook (when a URL is set)."""
+    from cgguard.sinks.hooks import HookRunner, Webhook
+    from cgguard.sinks.journald import JournalSink
+
+    sinks: list[Sink] = []
+    j = cfg.journal
+    if j.enabled is True or (j.enabled == "auto" and os.path.exists(j.socket)):
+        sinks.append(JournalSink(j.socket))
+    h = cfg.hooks
+    if h.on_incident:
+        sinks.append(HookRunner(h.on_incident, timeout_s=h.timeout_ms / 1000.0, max_concurrent=h.max_concurrent, queue=h.queue))
+    w = h.webhook
+    if w.url:
+        sinks.append(
+            Webhook(
+                w.url,
+                timeout_s=w.timeout_ms / 1000.0,
+                queue=w.queue,
+                retries=w.retries,
+                backoff_s=w.backoff_ms / 1000.0,
+                max_backoff_s=w.max_backoff_ms / 1000.0,
+            )
+        )
+    return sinks
