@@ -58,7 +58,19 @@ Glob = Annotated[str, AfterValidator(check_glob)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: '.inf' or '.nan' in a threshold would silently switch a detector off
+    # (nothing is ever >= inf), so non-finite floats are refused in every section.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+
+# Upper bounds: every number has one (tests/unit/test_config.py walks the models to prove it).
+HOUR_MS = 3_600_000
+PID_LIMIT = 4_194_304  # the kernel's PID_MAX_LIMIT: no count of tasks can exceed it
+# The per-cgroup sample history reaches back 5 s (cgguard.state.samples.History), so a growth
+# or fork-failure window beyond it would silently be cut to 5 s, and a saturation hold must fit
+# inside it with a sample to spare or that detector would never fire.
+HISTORY_MS = 5000
+MAX_COUNT = 1_000_000
 
 
 class Rule(_Model):
@@ -71,8 +83,8 @@ class Rule(_Model):
 class KillBudget(_Model):
     """Stops a detector gone wrong from emptying a node: at most N actions per window."""
 
-    max_actions: int = Field(5, ge=1, description="Actions allowed per window; further verdicts are only reported.")
-    per_seconds: float = Field(60.0, gt=0, description="Length of the budget window in seconds.")
+    max_actions: int = Field(5, ge=1, le=10_000, description="Actions allowed per window; further verdicts are only reported.")
+    per_seconds: float = Field(60.0, gt=0, le=86_400, description="Length of the budget window in seconds.")
 
 
 class Sampling(_Model):
@@ -80,7 +92,7 @@ class Sampling(_Model):
 
     fast_interval_ms: int = Field(20, ge=5, le=1000, description="Interval while a cgroup grows.")
     slow_interval_ms: int = Field(1000, ge=100, le=60000, description="Interval while a cgroup is calm.")
-    calm_after_ms: int = Field(2000, ge=100, description="Stay fast this long after the last growth.")
+    calm_after_ms: int = Field(2000, ge=100, le=HOUR_MS, description="Stay fast this long after the last growth.")
     calm_backoff_max_ms: int = Field(
         4000,
         ge=100,
@@ -101,11 +113,11 @@ class Sampling(_Model):
 class GrowthParams(_Model):
     """Cgroup-level growth: many tasks, multiplied quickly and still rising (not churn or a burst)."""
 
-    min_tasks: int = Field(512, ge=8, description="Never flag a cgroup with fewer tasks than this.")
-    window_ms: int = Field(1000, ge=50, description="Window over which growth is measured.")
-    min_factor: float = Field(4.0, gt=1.0, description="Tasks must multiply by at least this within the window.")
-    min_rate_per_s: float = Field(500.0, gt=0, description="Net growth in tasks per second.")
-    rising_samples: int = Field(3, ge=1, description="The count must have risen in each of the last N samples.")
+    min_tasks: int = Field(512, ge=8, le=PID_LIMIT, description="Never flag a cgroup with fewer tasks than this.")
+    window_ms: int = Field(1000, ge=50, le=HISTORY_MS, description="Window over which growth is measured.")
+    min_factor: float = Field(4.0, gt=1.0, le=1000.0, description="Tasks must multiply by at least this within the window.")
+    min_rate_per_s: float = Field(500.0, gt=0, le=float(PID_LIMIT), description="Net growth in tasks per second.")
+    rising_samples: int = Field(3, ge=1, le=100, description="The count must have risen in each of the last N samples.")
 
 
 class SaturationParams(_Model):
@@ -113,31 +125,31 @@ class SaturationParams(_Model):
 
     enabled: bool = Field(True, description="Use this detector.")
     ratio: float = Field(0.95, gt=0, le=1.0, description="Fraction of pids.max that counts as full.")
-    hold_ms: int = Field(1000, ge=0, description="How long the cgroup must stay full.")
-    min_forks_refused: int = Field(10, ge=0, description="Also require this many refused forks (pids.events max).")
+    hold_ms: int = Field(1000, ge=0, le=HISTORY_MS - 1000, description="How long the cgroup must stay full.")
+    min_forks_refused: int = Field(10, ge=0, le=MAX_COUNT, description="Also require this many refused forks (pids.events max).")
 
 
 class ForkFailureParams(_Model):
     """Forks refused at pids.max (pids.events), a rate of them means something keeps retrying."""
 
     enabled: bool = Field(True, description="Use this detector.")
-    min_failures: int = Field(50, ge=1, description="Refused forks within the window that make a verdict.")
-    window_ms: int = Field(2000, ge=100, description="Window for counting refused forks.")
+    min_failures: int = Field(50, ge=1, le=MAX_COUNT, description="Refused forks within the window that make a verdict.")
+    window_ms: int = Field(2000, ge=100, le=HISTORY_MS, description="Window for counting refused forks.")
 
 
 class LineageDetect(_Model):
     """The seed's rule (worst-scoring record subtree, only with a large enough family) plus replication."""
 
     enabled: bool = Field(True, description="Use this detector (needs lineage tracking).")
-    min_family: int = Field(10, ge=2, description="The seed's floor: smaller families are left to the OOM killer.")
+    min_family: int = Field(10, ge=2, le=PID_LIMIT, description="The seed's floor: smaller families are left to the OOM killer.")
     min_generations: int = Field(
-        5, ge=2, description="Clone generations in which every member forked (a bomb reaches 5 at ~32 members)."
+        5, ge=2, le=PID_LIMIT, description="Clone generations in which every member forked (a bomb reaches 5 at ~32 members)."
     )
-    min_forkers: int = Field(12, ge=2, description="Distinct forking members in the replicating chain.")
-    window_ms: int = Field(5000, ge=50, description="Forks older than this (before the newest fork) do not count.")
-    wide_min_generations: int = Field(3, ge=2, description="Wide replication: clone generations (fork-loop bombs at a cap).")
-    wide_min_forkers: int = Field(64, ge=2, description="Wide replication: distinct forking members.")
-    wide_min_family: int = Field(512, ge=10, description="Wide replication: live descendants.")
+    min_forkers: int = Field(12, ge=2, le=PID_LIMIT, description="Distinct forking members in the replicating chain.")
+    window_ms: int = Field(5000, ge=50, le=HOUR_MS, description="Forks older than this (before the newest fork) do not count.")
+    wide_min_generations: int = Field(3, ge=2, le=PID_LIMIT, description="Wide replication: clone generations (fork-loop bombs at a cap).")
+    wide_min_forkers: int = Field(64, ge=2, le=PID_LIMIT, description="Wide replication: distinct forking members.")
+    wide_min_family: int = Field(512, ge=10, le=PID_LIMIT, description="Wide replication: live descendants.")
 
 
 class Detect(_Model):
@@ -179,7 +191,7 @@ class Config(_Model):
         Action.kill_cgroup,
         description="When a surgical kill cannot freeze or move the lineage: kill-cgroup or report.",
     )
-    remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
+    remove_timeout_ms: int = Field(5000, ge=100, le=600_000, description="How long to wait for 'populated 0' before retrying.")
     sampling: Sampling = Sampling()
     detect: Detect = Detect()
     tracking: Tracking = Tracking()
@@ -280,10 +292,44 @@ def glob_may_match_below(glob: str, path: str) -> bool:
 # -- loading ---------------------------------------------------------------------------------
 def _format_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or "config"
-    msg = err["msg"].removeprefix("Value error, ")
+    # A key is whatever the file says: quote any that would break the one-line message.
+    loc = "".join(
+        f"[{x}]" if isinstance(x, int) else f".{x}" if str(x).isprintable() else f".{str(x)!r}" for x in err["loc"]
+    ).lstrip(".") or "config"
+    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{loc}: {msg}{extra}"
+
+
+def _yaml_loader():
+    """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, so a second
+    ``watch:`` or ``min_factor:`` further down would quietly replace the first."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class DuplicateKey(ConstructorError):
+        def __init__(self, key: Any, first: Any, again: Any):
+            super().__init__(None, None, f"duplicate key {key!r}", again)
+            self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    # '<<' merges are flattened by SafeLoader; keys next to a merge override it.
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark)
+                    except TypeError:
+                        continue  # unhashable: SafeLoader reports it
+                    if first is not key_node.start_mark:
+                        raise DuplicateKey(key, first, key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader, DuplicateKey
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -299,16 +345,24 @@ def load_file(path: str) -> dict[str, Any]:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     else:
         import yaml
 
+        loader, duplicate_key = _yaml_loader()
         try:
-            data = yaml.safe_load(raw.decode("utf-8"))
+            data = yaml.load(raw.decode("utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
+        except duplicate_key as e:
+            key = repr(e.key)[:80]
+            raise ConfigError(f"{path}: duplicate key {key} at line {e.line} (first at line {e.first_line})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}: not valid YAML{where}: {first}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
