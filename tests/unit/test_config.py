@@ -1,11 +1,13 @@
 import math
 import types
 import typing
+from typing import Annotated
 
 import annotated_types as at
 import pytest
 from conftest import run_cli
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from cgguard import config
 from cgguard.config import Action, ConfigError, build, glob_match, glob_may_match_below
@@ -150,6 +152,7 @@ class _Leaf(typing.NamedTuple):
     base: type  # int or float
     metadata: list
     in_container: bool  # reached through a list/dict: the file key has an index in it
+    wrap: typing.Callable  # the field's value holding one such number: v, [v] or {"k": v}
 
 
 def _strip(ann):
@@ -167,11 +170,30 @@ def _leaves(ann):
 def _bounds(metadata) -> tuple[float | None, float | None]:
     lo = hi = None
     for m in metadata:
+        if isinstance(m, FieldInfo):  # Annotated[int, Field(ge=..., le=...)] on an element
+            mlo, mhi = _bounds(m.metadata)
+            lo, hi = lo if mlo is None else mlo, hi if mhi is None else mhi
+        if isinstance(m, at.GroupedMetadata):  # Interval(ge=..., le=...)
+            mlo, mhi = _bounds(list(m))
+            lo, hi = lo if mlo is None else mlo, hi if mhi is None else mhi
         if isinstance(m, (at.Ge, at.Gt)):
             lo = m.ge if isinstance(m, at.Ge) else m.gt
         if isinstance(m, (at.Le, at.Lt)):
             hi = m.le if isinstance(m, at.Le) else m.lt
     return lo, hi
+
+
+def _wrapper(ann) -> typing.Callable:
+    """How to put one number where the field expects it (through Optional, into a list or dict)."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]
+        return _wrapper(inner[0]) if len(inner) == 1 else (lambda v: v)
+    if origin in (list, tuple, set, frozenset):
+        return lambda v: [v]
+    if origin is dict:
+        return lambda v: {"k": v}
+    return lambda v: v
 
 
 def _numeric_fields(model: type[BaseModel], prefix: str = "", in_container: bool = False, seen=None):
@@ -189,7 +211,7 @@ def _numeric_fields(model: type[BaseModel], prefix: str = "", in_container: bool
                 inner = list(typing.get_args(leaf)[1:]) if leaf is not base else []
                 # A list element's bounds live on the element type, a scalar's on the field.
                 meta = inner if container else list(f.metadata) + inner
-                yield _Leaf(f"{prefix}{name}", model, name, base, meta, in_container or container)
+                yield _Leaf(f"{prefix}{name}", model, name, base, meta, in_container or container, _wrapper(f.annotation))
 
 
 NUMERIC = list(_numeric_fields(config.Config))
@@ -202,6 +224,34 @@ def test_the_walk_finds_the_numeric_fields():
     assert not {"dry_run", "realtime", "detect.saturation.enabled"} & keys  # bools are not numbers
 
 
+def test_the_walk_catches_what_a_new_section_could_get_wrong():
+    # The walk itself must not be blind: a made-up section with the usual shapes.
+    class Hook(config._Model):
+        timeout_ms: int = Field(1000, ge=1, le=60_000)
+        retries: int = 3  # unbounded
+
+    class Journal(config._Model):
+        rate: float | None = Field(None, gt=0)  # no maximum
+        levels: list[Annotated[int, Field(ge=0, le=7)]] = Field(default_factory=list)
+        weights: dict[str, float] = Field(default_factory=dict)  # elements unbounded
+
+    class Extra(config._Model):
+        hooks: list[Hook] = Field(default_factory=list)
+        journal: Journal | None = None
+        enabled: bool = True
+
+    found = {leaf.key: _bounds(leaf.metadata) for leaf in _numeric_fields(Extra)}
+    assert found == {
+        "hooks.timeout_ms": (1, 60_000),
+        "hooks.retries": (None, None),
+        "journal.rate": (0, None),
+        "journal.levels": (0, 7),
+        "journal.weights": (None, None),
+    }
+    levels = next(leaf for leaf in _numeric_fields(Extra) if leaf.key == "journal.levels")
+    assert levels.wrap(8) == [8] and levels.in_container
+
+
 @pytest.mark.parametrize("leaf", NUMERIC, ids=[leaf.key for leaf in NUMERIC])
 def test_every_numeric_field_has_both_bounds_and_rejects_non_finite(leaf):
     lo, hi = _bounds(leaf.metadata)
@@ -210,7 +260,7 @@ def test_every_numeric_field_has_both_bounds_and_rejects_non_finite(leaf):
 
     def rejected(value) -> bool:
         try:
-            leaf.model.model_validate({leaf.name: value})
+            leaf.model.model_validate({leaf.name: leaf.wrap(value)})
         except ValidationError as e:
             return any(err["loc"][:1] == (leaf.name,) for err in e.errors())
         return False
