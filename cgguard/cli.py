@@ -29,6 +29,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{sub}: {message}" if sub else message)
 
 
+def _at_least_one(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be 1 or more")
+    return n
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML or TOML config file (default: $CGGUARD_CONFIG or /etc/cgguard/config.yaml)")
     p.add_argument("--watch", "-w", action="append", metavar="GLOB", help="cgroups to guard, relative to the cgroup2 root (repeatable)")
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="one JSON object per line")
     i.add_argument("--state-dir", metavar="DIR")
     i.add_argument("--config", "-c", metavar="FILE")
-    i.add_argument("--last", type=int, metavar="N", help="only the last N")
+    i.add_argument("--last", type=_at_least_one, metavar="N", help="only the last N (N >= 1)")
 
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("file")
@@ -313,9 +323,11 @@ def cmd_incidents(a: argparse.Namespace) -> int:
     except incidents.IncidentLogError as e:
         raise UsageError(str(e)) from None
     if rr.torn_lines:
+        more = f" and {len(rr.torn_lines) - 5} more" if len(rr.torn_lines) > 5 else ""
         print(
             f"cgguard: warning: skipped {len(rr.torn_lines)} unreadable line(s) in the incident log "
-            f"(line {', '.join(map(str, rr.torn_lines[:5]))}; a crash during a write tears the last one)",
+            f"(line {', '.join(map(str, rr.torn_lines[:5]))}{more}; a crash during a write tears the last one, "
+            "other lines are not incident records)",
             file=sys.stderr,
         )
     items = rr.incidents[-a.last :] if a.last else rr.incidents
@@ -326,19 +338,31 @@ def cmd_incidents(a: argparse.Namespace) -> int:
     if not items:
         print("no incidents")
         return 0
+    # The reader checked each record's shape; the text is still the tenants' (cgroup names,
+    # command lines), so nothing reaches the terminal unescaped.
     for it in items:
         origin = it.get("origin") or {}
         o = ""
         if origin:
-            o = f" origin {origin.get('pid')} {origin.get('cmdline') or origin.get('comm')}{'' if origin.get('alive') else ' (dead)'}"
+            cmd = origin.get("cmdline") or origin.get("comm")
+            o = f" origin {_text(origin.get('pid'))} {_text(cmd)}{'' if origin.get('alive') else ' (dead)'}"
         print(
-            f"{it.get('time_iso', '')} {it['id']} {it['cgroup']} {it.get('detector')} -> {it['action']}: {it['result']}"
+            f"{_text(it.get('time_iso', ''))} {_text(it['id'])} {_text(it['cgroup'])} {_text(it.get('detector'))}"
+            f" -> {_text(it['action'])}: {_text(it['result'])}"
             f" tasks {it.get('tasks_at_detection')} peak {it.get('peak_tasks')} detect {it.get('detect_ms')} ms"
             f" remove {it.get('remove_ms')} ms survivors {it.get('survivors')}{o}"
         )
-        for r in it.get("reasons", []):
-            print(f"    {r.get('rule')}: {r.get('detail')}")
+        for r in it.get("reasons") or []:
+            print(f"    {_text(r.get('rule'))}: {_text(r.get('detail'))}")
     return 0
+
+
+def _text(v: Any, limit: int = 4096) -> str:
+    """One printable line: control characters (escape sequences, newlines) shown escaped."""
+    s = v if isinstance(v, str) else str(v) if v is None or isinstance(v, (int, float)) else json.dumps(v, default=str)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def cmd_check_config(a: argparse.Namespace) -> int:

@@ -60,7 +60,19 @@ Glob = Annotated[str, AfterValidator(check_glob)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: '.inf' or '.nan' in a threshold would silently switch a detector off
+    # (nothing is ever >= inf), so non-finite floats are refused in every section.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+
+# Upper bounds: every number has one (tests/unit/test_config.py walks the models to prove it).
+HOUR_MS = 3_600_000
+PID_LIMIT = 4_194_304  # the kernel's PID_MAX_LIMIT: no count of tasks can exceed it
+# The per-cgroup sample history (cgguard.state.samples.History) reaches back this far, so a
+# detector window beyond it would silently be cut short, and a hold must fit inside it with a
+# sample to spare or its detector would never fire.
+HISTORY_MS = 10_000
+MAX_COUNT = 1_000_000
 
 
 class Rule(_Model):
@@ -130,7 +142,7 @@ class Sampling(_Model):
 
     fast_interval_ms: int = Field(20, ge=5, le=1000, description="Interval while a cgroup grows.")
     slow_interval_ms: int = Field(1000, ge=100, le=60000, description="Interval while a cgroup is calm.")
-    calm_after_ms: int = Field(2000, ge=100, description="Stay fast this long after the last growth.")
+    calm_after_ms: int = Field(2000, ge=100, le=HOUR_MS, description="Stay fast this long after the last growth.")
     calm_backoff_max_ms: int = Field(
         16000,
         ge=100,
@@ -159,7 +171,7 @@ class BudgetSettings(_Model):
     hybrid hosts, or this default."""
 
     default_tasks: int = Field(
-        4096, ge=16, le=4_194_304, description="Budget of a cgroup that no kernel limit applies to (a scale for growth, not a limit)."
+        4096, ge=16, le=PID_LIMIT, description="Budget of a cgroup that no kernel limit applies to (a scale for growth, not a limit)."
     )
     use_v1: bool = Field(True, description="On hybrid hosts, read the v1 pids limit of each cgroup's processes (Docker --pids-limit, TasksMax=).")
 
@@ -170,7 +182,7 @@ class TrajectoryParams(_Model):
 
     enabled: bool = Field(True, description="Use this detector.")
     min_usage: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the budget the tasks must hold.")
-    window_ms: int = Field(1000, ge=100, le=60_000, description="Window over which growth is measured.")
+    window_ms: int = Field(1000, ge=100, le=HISTORY_MS // 2, description="Window over which growth is measured.")
     min_rise: float = Field(
         0.1, gt=0.0, le=1.0, allow_inf_nan=False, description="Growth within the window, as a share of the budget, that counts as rising."
     )
@@ -179,7 +191,7 @@ class TrajectoryParams(_Model):
         3000, ge=100, le=3_600_000, description="At the recent rate, the budget would be exhausted within this."
     )
     long_window_ms: int = Field(
-        10_000, ge=1000, le=600_000, description="Window for slow, steady growth (must exceed window_ms)."
+        8000, ge=1000, le=HISTORY_MS - 1000, description="Window for slow, steady growth (must exceed window_ms)."
     )
 
     @model_validator(mode="after")
@@ -194,8 +206,8 @@ class PinnedParams(_Model):
 
     enabled: bool = Field(True, description="Use this detector.")
     ratio: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the limit that counts as at the limit.")
-    hold_ms: int = Field(300, ge=50, le=60_000, description="How long it must stay there with forks being refused.")
-    min_refused: int = Field(5, ge=1, le=1_000_000, description="Forks refused at the limit within the hold.")
+    hold_ms: int = Field(300, ge=50, le=HISTORY_MS - 1000, description="How long it must stay there with forks being refused.")
+    min_refused: int = Field(5, ge=1, le=MAX_COUNT, description="Forks refused at the limit within the hold.")
 
 
 class FillHoldParams(_Model):
@@ -204,8 +216,10 @@ class FillHoldParams(_Model):
 
     enabled: bool = Field(True, description="Use this detector (needs the proc connector to count task births).")
     min_usage: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the budget held.")
-    fill_ms: int = Field(10_000, ge=100, le=3_600_000, description="It went from below half the budget to min_usage within this.")
-    hold_ms: int = Field(1000, ge=100, le=60_000, description="How long it must hold min_usage.")
+    fill_ms: int = Field(
+        5000, ge=100, le=HISTORY_MS - 2000, description="It went from below half the budget to min_usage within this."
+    )
+    hold_ms: int = Field(1000, ge=100, le=HISTORY_MS - 2000, description="How long it must hold min_usage.")
     min_births_per_s: float = Field(
         50.0, gt=0.0, le=1e7, allow_inf_nan=False, description="Task births per second while holding (and at least 5% of the budget per second)."
     )
@@ -386,7 +400,7 @@ class Config(_Model):
         Action.kill_cgroup,
         description="When a surgical kill cannot freeze or move the lineage: kill-cgroup or report.",
     )
-    remove_timeout_ms: int = Field(5000, ge=100, description="How long to wait for 'populated 0' before retrying.")
+    remove_timeout_ms: int = Field(5000, ge=100, le=600_000, description="How long to wait for 'populated 0' before retrying.")
     sampling: Sampling = Sampling()
     budget: BudgetSettings = BudgetSettings()
     detect: Detect = Detect()
@@ -490,10 +504,44 @@ def glob_may_match_below(glob: str, path: str) -> bool:
 # -- loading ---------------------------------------------------------------------------------
 def _format_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or "config"
-    msg = err["msg"].removeprefix("Value error, ")
+    # A key is whatever the file says: quote any that would break the one-line message.
+    loc = "".join(
+        f"[{x}]" if isinstance(x, int) else f".{x}" if str(x).isprintable() else f".{str(x)!r}" for x in err["loc"]
+    ).lstrip(".") or "config"
+    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{loc}: {msg}{extra}"
+
+
+def _yaml_loader():
+    """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, so a second
+    ``watch:`` or ``min_factor:`` further down would quietly replace the first."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class DuplicateKey(ConstructorError):
+        def __init__(self, key: Any, first: Any, again: Any):
+            super().__init__(None, None, f"duplicate key {key!r}", again)
+            self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    # '<<' merges are flattened by SafeLoader; keys next to a merge override it.
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark)
+                    except TypeError:
+                        continue  # unhashable: SafeLoader reports it
+                    if first is not key_node.start_mark:
+                        raise DuplicateKey(key, first, key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader, DuplicateKey
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -509,16 +557,24 @@ def load_file(path: str) -> dict[str, Any]:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     else:
         import yaml
 
+        loader, duplicate_key = _yaml_loader()
         try:
-            data = yaml.safe_load(raw.decode("utf-8"))
+            data = yaml.load(raw.decode("utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
+        except duplicate_key as e:
+            key = repr(e.key)[:80]
+            raise ConfigError(f"{path}: duplicate key {key} at line {e.line} (first at line {e.first_line})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}: not valid YAML{where}: {first}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -62,6 +62,11 @@ def _claim_path(path: str) -> None:
     try:
         probe.connect(path)
     except OSError as e:
+        if e.errno in (errno.EAGAIN, None):  # None: the probe timed out
+            # A full accept queue: an agent is there but stopped or too busy to accept.
+            raise ControlError(
+                f"control socket {path}: another cgguard agent holds it but does not answer (stopped or busy); not replacing it"
+            ) from None
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ControlError(f"control socket {path}: {e.strerror}") from None
         os.unlink(path)  # stale: nobody listens
@@ -74,7 +79,9 @@ def _claim_path(path: str) -> None:
 def bind_control(path: str) -> socket.socket:
     _claim_path(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o077)
+    # Created 0600 by the umask, not chmod-ed after: between bind() and a chmod by path the
+    # socket can be swapped for a symlink, and the chmod would land on its target.
+    old = os.umask(0o177)
     try:
         s.bind(path)
     except OSError as e:
@@ -82,7 +89,6 @@ def bind_control(path: str) -> socket.socket:
         raise ControlError(f"control socket {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
     s.listen(16)
     return s
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from cgguard.config import HISTORY_MS
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -32,7 +34,7 @@ class Sample:
 class History:
     __slots__ = ("samples", "max_age_ns", "peak")
 
-    def __init__(self, max_age_ns: int = 10_000_000_000, max_len: int = 512):
+    def __init__(self, max_age_ns: int = HISTORY_MS * 1_000_000, max_len: int = 600):
         self.samples: deque[Sample] = deque(maxlen=max_len)
         self.max_age_ns = max_age_ns
         self.peak = 0

@@ -1,8 +1,16 @@
+import math
+import types
+import typing
+from typing import Annotated
+
+import annotated_types as at
 import pytest
+from conftest import run_cli
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from cgguard import config
 from cgguard.config import Action, ConfigError, build, glob_match, glob_may_match_below
-from conftest import run_cli
 
 
 @pytest.mark.parametrize(
@@ -130,3 +138,150 @@ def test_reference_is_generated_from_models():
     ref = config.reference_markdown()
     for key in ("watch", "detect.lineage.min_family", "tracking.reset_interval_ms", "kill_budget.max_actions"):
         assert f"`{key}`" in ref
+
+
+# -- every numeric field is bounded and finite --------------------------------------------------
+# Generic on purpose: a field added later (any section, any depth, optional or in a list) is
+# walked too, so it cannot slip in unbounded.
+
+
+class _Leaf(typing.NamedTuple):
+    key: str  # dotted, as in the config file
+    model: type[BaseModel]
+    name: str
+    base: type  # int or float
+    metadata: list
+    in_container: bool  # reached through a list/dict: the file key has an index in it
+    wrap: typing.Callable  # the field's value holding one such number: v, [v] or {"k": v}
+
+
+def _strip(ann):
+    return typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann
+
+
+def _leaves(ann):
+    """Every type an annotation can hold, through unions, Optional, list/dict/tuple elements."""
+    origin = typing.get_origin(ann)
+    if origin is None or origin is typing.Annotated:
+        return [ann]
+    return [leaf for a in typing.get_args(ann) if a is not Ellipsis for leaf in _leaves(a)]
+
+
+def _bounds(metadata) -> tuple[float | None, float | None]:
+    lo = hi = None
+    for m in metadata:
+        if isinstance(m, FieldInfo):  # Annotated[int, Field(ge=..., le=...)] on an element
+            mlo, mhi = _bounds(m.metadata)
+            lo, hi = lo if mlo is None else mlo, hi if mhi is None else mhi
+        if isinstance(m, at.GroupedMetadata):  # Interval(ge=..., le=...)
+            mlo, mhi = _bounds(list(m))
+            lo, hi = lo if mlo is None else mlo, hi if mhi is None else mhi
+        if isinstance(m, (at.Ge, at.Gt)):
+            lo = m.ge if isinstance(m, at.Ge) else m.gt
+        if isinstance(m, (at.Le, at.Lt)):
+            hi = m.le if isinstance(m, at.Le) else m.lt
+    return lo, hi
+
+
+def _wrapper(ann) -> typing.Callable:
+    """How to put one number where the field expects it (through Optional, into a list or dict)."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]
+        return _wrapper(inner[0]) if len(inner) == 1 else (lambda v: v)
+    if origin in (list, tuple, set, frozenset):
+        return lambda v: [v]
+    if origin is dict:
+        return lambda v: {"k": v}
+    return lambda v: v
+
+
+def _numeric_fields(model: type[BaseModel], prefix: str = "", in_container: bool = False, seen=None):
+    seen = set() if seen is None else seen
+    for name, f in model.model_fields.items():
+        origin = typing.get_origin(f.annotation)
+        container = origin is not None and origin not in (typing.Union, types.UnionType)
+        for leaf in _leaves(f.annotation):
+            base = _strip(leaf)
+            if isinstance(base, type) and issubclass(base, BaseModel):
+                if base not in seen:
+                    seen.add(base)
+                    yield from _numeric_fields(base, f"{prefix}{name}.", in_container or container, seen)
+            elif isinstance(base, type) and issubclass(base, (int, float)) and not issubclass(base, bool):
+                inner = list(typing.get_args(leaf)[1:]) if leaf is not base else []
+                # A list element's bounds live on the element type, a scalar's on the field.
+                meta = inner if container else list(f.metadata) + inner
+                yield _Leaf(f"{prefix}{name}", model, name, base, meta, in_container or container, _wrapper(f.annotation))
+
+
+NUMERIC = list(_numeric_fields(config.Config))
+
+
+def test_the_walk_finds_the_numeric_fields():
+    keys = {leaf.key for leaf in NUMERIC}
+    assert {"kill_budget.per_seconds", "detect.trajectory.min_rise", "tracking.reset_interval_ms",
+            "remove_timeout_ms", "detect.lineage.min_abandoners", "budget.default_tasks"} <= keys
+    assert not {"dry_run", "realtime", "detect.pinned.enabled"} & keys  # bools are not numbers
+
+
+def test_the_walk_catches_what_a_new_section_could_get_wrong():
+    # The walk itself must not be blind: a made-up section with the usual shapes.
+    class Hook(config._Model):
+        timeout_ms: int = Field(1000, ge=1, le=60_000)
+        retries: int = 3  # unbounded
+
+    class Journal(config._Model):
+        rate: float | None = Field(None, gt=0)  # no maximum
+        levels: list[Annotated[int, Field(ge=0, le=7)]] = Field(default_factory=list)
+        weights: dict[str, float] = Field(default_factory=dict)  # elements unbounded
+
+    class Extra(config._Model):
+        hooks: list[Hook] = Field(default_factory=list)
+        journal: Journal | None = None
+        enabled: bool = True
+
+    found = {leaf.key: _bounds(leaf.metadata) for leaf in _numeric_fields(Extra)}
+    assert found == {
+        "hooks.timeout_ms": (1, 60_000),
+        "hooks.retries": (None, None),
+        "journal.rate": (0, None),
+        "journal.levels": (0, 7),
+        "journal.weights": (None, None),
+    }
+    levels = next(leaf for leaf in _numeric_fields(Extra) if leaf.key == "journal.levels")
+    assert levels.wrap(8) == [8] and levels.in_container
+
+
+@pytest.mark.parametrize("leaf", NUMERIC, ids=[leaf.key for leaf in NUMERIC])
+def test_every_numeric_field_has_both_bounds_and_rejects_non_finite(leaf):
+    lo, hi = _bounds(leaf.metadata)
+    assert lo is not None and hi is not None, f"{leaf.key}: give it Field(ge=..., le=...)"
+    assert math.isfinite(lo) and math.isfinite(hi) and lo < hi, leaf.key
+
+    def rejected(value) -> bool:
+        try:
+            leaf.model.model_validate({leaf.name: leaf.wrap(value)})
+        except ValidationError as e:
+            return any(err["loc"][:1] == (leaf.name,) for err in e.errors())
+        return False
+
+    for bad in (math.inf, -math.inf, math.nan, "inf", "-inf", "nan", "1e400"):
+        assert rejected(bad), f"{leaf.key} accepts {bad!r}"
+    assert rejected(hi + 1), f"{leaf.key} accepts more than its maximum {hi}"
+    assert rejected(lo - 1), f"{leaf.key} accepts less than its minimum {lo}"
+    assert not rejected(hi) and not rejected(lo + (0 if isinstance(lo, int) and leaf.base is int else 1e-3)), leaf.key
+
+
+def test_bounds_errors_name_the_full_key():
+    for leaf in NUMERIC:
+        if leaf.in_container:
+            continue  # the file key has an index; the per-model test above covers it
+        data: dict = {}
+        cur = data
+        parts = leaf.key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = math.inf
+        with pytest.raises(ConfigError) as e:
+            build(data)
+        assert leaf.key in str(e.value) and "\n" not in str(e.value), str(e.value)
