@@ -204,6 +204,7 @@ def _setup_logging(level: str) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     from cgguard.agent import Agent
     from cgguard.agent.control import ControlError
+    from cgguard.sinks import build_sinks
     from cgguard.sinks.incidents import IncidentLogError
     from cgguard.state.status import StatusBoard
 
@@ -214,7 +215,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     fs = _resolve_root(cfg.cgroup_root)
     board = StatusBoard()
     metrics = _metrics(board) if cfg.listen else None
-    agent = Agent(cfg, fs, sinks=[metrics] if metrics else [], board=board)
+    extra = build_sinks(cfg)
+    agent = Agent(cfg, fs, sinks=[*([metrics] if metrics else []), *extra], board=board)
     server = None
     try:
         # The port first: a second agent started by mistake fails here, before it touches the
@@ -230,9 +232,22 @@ def cmd_run(a: argparse.Namespace) -> int:
         agent.run()
     finally:
         agent.close()
+        close_sinks(extra)
         if server is not None:
             server.close()
     return 0
+
+
+def close_sinks(sinks: list) -> None:
+    """Close the journal, hook and webhook sinks side by side: each may wait up to its own bound
+    for deliveries in flight, and shutdown must not add those waits up."""
+    import threading
+
+    threads = [threading.Thread(target=s.close, daemon=True) for s in sinks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(5)
 
 
 def _metrics(board):

@@ -289,6 +289,7 @@ class Agent:
             self.tracking.close()
         self.watcher.close()
         self.files.close()
+        self.log.close()
 
     # -- sources ---------------------------------------------------------------------------
     def _on_inotify(self) -> None:

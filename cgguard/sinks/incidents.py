@@ -306,23 +306,6 @@ class IncidentLog:
             except OSError as e:
                 raise IncidentLogError(f"{self.path}: {e.strerror}") from None
 
-    def open_incidents(self) -> list[dict[str, Any]]:
-        """Incidents whose last record is still "detected": the agent stopped mid-action."""
-        return [i for i in read(self.path).incidents if i.get("result") == "detected"]
-
-    def close_interrupted(self, record: dict[str, Any], note: str) -> dict[str, Any]:
-        """Close an open incident with result "interrupted" (same id), and say why."""
-        out = {**record, "result": "interrupted", "notes": [*(record.get("notes") or []), note]}
-        line = json.dumps(out, sort_keys=True, default=str) + "\n"
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return out
-
     def count(self) -> int:
         """Incidents in the log (earlier runs included)."""
         return len(self.read().incidents)
