@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.vm import (
+from cgguard.testkit.guest import (
     DEFAULT_TIMEOUT,
     GUEST_PYTEST_ARGS,
     GuestResult,

@@ -3,7 +3,7 @@
 Outside the guest every test here is skipped: they start real fork bombs and take over the
 cgroup2 root, which only the throwaway VM may have done to it. The guest's /init sets
 CGGUARD_IN_GUEST=1. Adding a test is adding a ``test_*.py`` file here; tests/guest/test_guest.py
-reports each guest test as a host test. Run them alone with ``python -m tests.guest.vm``.
+reports each guest test as a host test. Run them alone with ``python -m cgguard.testkit.guest``.
 
 Timing under emulation varies 2-5x with the host's load: the deadlines below only stop a hung
 test, no test may assert on how long something took.

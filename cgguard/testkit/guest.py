@@ -21,9 +21,9 @@ by the kernel and busybox package versions and the initramfs inputs, so a rerun 
 
 CLI for developers::
 
-    python -m tests.guest.vm                       # the guest tests, as tests/guest/test_guest.py runs them
-    python -m tests.guest.vm -- pytest tests/guest/inside -q -k bomb
-    python -m tests.guest.vm --build-only          # fetch and build, print the image paths
+    python -m cgguard.testkit.guest                       # the guest tests, as tests/guest/test_guest.py runs them
+    python -m cgguard.testkit.guest -- pytest tests/guest/inside -q -k bomb
+    python -m cgguard.testkit.guest --build-only          # fetch and build, print the image paths
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-INIT_SH = Path(__file__).with_name("init.sh")
+INIT_SH = Path(__file__).with_name("guest_init.sh")
 CACHE = Path(os.environ.get("CGGUARD_GUEST_CACHE", "/var/tmp/cgguard-guest"))
 QEMU = "qemu-system-x86_64"
 
@@ -479,7 +479,7 @@ def _die_with_parent() -> None:
 
 
 def _job_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
-    lines = ["# written by tests/guest/vm.py; run by the guest's init.sh in the host's root",
+    lines = ["# written by cgguard/testkit/guest.py; run by the guest's init.sh in the host's root",
              f"cd {shlex.quote(cwd)} || exit 125"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
@@ -643,7 +643,7 @@ def _host_command(cmd: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.guest.vm", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cgguard.testkit.guest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before qemu is killed")
     ap.add_argument("--results", help="host directory for the results share (default: a new temp dir)")
     ap.add_argument("--build-only", action="store_true", help="prepare qemu and the image, then stop")
