@@ -351,7 +351,7 @@ class Agent:
                 nodes[node.rel] = node
                 self.watcher.hint_active(node, now)
         for node in nodes.values():
-            if not node.busy and self.tracking.qualifies(node.rel, now):
+            if not node.busy and not node.frozen and self.tracking.qualifies(node.rel, now):
                 verdict = self.tracking.evaluate(node.rel, now)
                 if verdict is not None:
                     self._on_verdict(node, verdict)
@@ -365,6 +365,8 @@ class Agent:
         if tr is not None and s.tasks > tr.tasks(node.rel) + max(4, s.tasks // 10):
             # More tasks than the tree knows: processes moved in after their fork, or missed.
             self._adopt(node, now)
+        if node.frozen:
+            return  # frozen (for lack of budget, or by an operator): it cannot grow; nothing to judge
         for rule in RULES:
             verdict = rule(node.rel, node.history, now, self._params(rule.__name__))
             if verdict is not None and (verdict.evidence != "budget" or self._holds_most(node, s.source)):
