@@ -386,7 +386,14 @@ class Config(_Model):
     """cgguard configuration. Paths and globs are relative to the cgroup2 root."""
 
     watch: list[Glob] = Field(default_factory=list, description="Globs of cgroups to guard: '*' one level, '**' any depth.")
-    protect: list[Glob] = Field(default_factory=list, description="Globs never acted on (still watched and reported).")
+    protect: list[Glob] = Field(
+        default_factory=list, description="Globs never acted on, with everything below them (still watched and reported)."
+    )
+    aggregates: list[Glob] = Field(
+        default_factory=list,
+        description="Aggregation levels (a user's slice, a QoS class, a pod): watched, never removed as a whole; "
+        "a verdict there acts on a watched cgroup below it, or is reported.",
+    )
     cgroup_root: str | None = Field(None, description="cgroup2 mount point; found from /proc/self/mountinfo if unset.")
     state_dir: str = Field("/var/lib/cgguard", description="Directory of incidents.jsonl.")
     listen: str = Field("127.0.0.1:9750", description="HOST:PORT for /healthz, /readyz and /metrics; '' disables.")
@@ -431,6 +438,23 @@ class Config(_Model):
         if v.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be debug, info, warning or error")
         return v.lower()
+
+    def refusal(self, cgroup: str) -> str | None:
+        """Why the configuration forbids acting on ``cgroup`` itself, or None. Protection covers a
+        cgroup's whole subtree; an aggregation level only itself."""
+        rel = cgroup.strip("/")
+        if not any(glob_match(g, rel) for g in self.watch):
+            return "outside the watch globs"
+        cur = rel
+        while cur:
+            for g in self.protect:
+                if glob_match(g, cur):
+                    return f"protected (protect: {g})" if cur == rel else f"below a protected cgroup (protect: {g})"
+            cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
+        for g in self.aggregates:
+            if glob_match(g, rel):
+                return f"an aggregation level (aggregates: {g}): only cgroups below it are acted on"
+        return None
 
     def action_for(self, cgroup: str) -> Action:
         for rule in self.rules:

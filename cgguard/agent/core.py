@@ -400,9 +400,7 @@ class Agent:
         node = self.watcher.nodes.get(rel)
         if node is None or not node.watched:
             return "outside the watch globs"
-        if node.protected or self.watcher.is_protected(rel):
-            return "protected by --protect"
-        return None
+        return self.cfg.refusal(rel)
 
     def _target(self, node: Node, verdict: Verdict) -> Node:
         if verdict.detector == "lineage" and verdict.cgroup:

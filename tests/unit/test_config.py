@@ -285,3 +285,12 @@ def test_bounds_errors_name_the_full_key():
         with pytest.raises(ConfigError) as e:
             build(data)
         assert leaf.key in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_protect_covers_the_subtree_and_aggregates_only_the_level():
+    cfg = build({"watch": ["user.slice/**"], "protect": ["user.slice/user-0.slice"], "aggregates": ["user.slice/user-*.slice"]})
+    assert cfg.refusal("user.slice/user-0.slice").startswith("protected")
+    assert cfg.refusal("user.slice/user-0.slice/session-1.scope").startswith("below a protected cgroup")
+    assert cfg.refusal("user.slice/user-1000.slice").startswith("an aggregation level")
+    assert cfg.refusal("user.slice/user-1000.slice/session-3.scope") is None
+    assert cfg.refusal("system.slice/x.service") == "outside the watch globs"

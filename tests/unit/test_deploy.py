@@ -167,13 +167,13 @@ def test_configs_validate() -> None:
     # the validation is not vacuous: the same files with a typo are refused
     for text in (SYSTEMD_CONFIG.read_text(), one("ConfigMap")["data"]["config.yaml"]):
         data = yaml.safe_load(text)
-        data["protcet"] = data.pop("protect")
-        with pytest.raises(ConfigError, match="protcet"):
+        data["aggergates"] = data.pop("aggregates")
+        with pytest.raises(ConfigError, match="aggergates"):
             build(data)
 
 
 def _acts_on(cfg: Config, path: str) -> bool:
-    return any(glob_match(g, path) for g in cfg.watch) and not any(glob_match(g, path) for g in cfg.protect)
+    return cfg.refusal(path) is None
 
 
 def test_systemd_config_scope() -> None:
