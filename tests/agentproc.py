@@ -27,3 +27,18 @@ class AgentProc(AgentProcess):
                 pass
             time.sleep(0.05)
         raise AssertionError(f"agent not ready after {timeout}s: {self.output()}")
+
+    def caught_up(self, timeout: float = 30.0) -> None:
+        """Make the agent prove it has processed every event up to now: start a marker process
+        (fork, exec, exit) and wait until its connector count moves past it. The connector's
+        socket is FIFO, so every event before the marker has been handled too -- the positive
+        sign a test needs before asserting that something did not happen."""
+        import subprocess
+
+        before = self.status()["connector"]["received"]
+        subprocess.run(["/bin/true"], check=True)
+        deadline = time.monotonic() + timeout
+        while self.status()["connector"]["received"] < before + 3:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the agent did not process events within {timeout}s: {self.output()}")
+            time.sleep(0.02)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,6 +64,19 @@ def run_cli(*args: str, timeout: float = 30, env: dict | None = None, input: str
         input=input,
         cwd=REPO,
     )
+
+
+def wait_until(pred, timeout: float = 30.0, interval: float = 0.02):
+    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` passes (None).
+    Timeouts are generous on purpose: a slow machine must only make a test slower."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
 
 
 def have(tool: str) -> bool:

@@ -478,7 +478,14 @@ class Agent:
             if pid in known:
                 continue
             st = read_stat(pid)
-            if st is not None and belongs is not None and belongs(pid, st) is False:
+            if st is None:
+                continue  # exited meanwhile
+            b = belongs(pid, st) if belongs is not None else None
+            if b is True:
+                continue
+            # Not known to descend from the origin. A member forked a moment ago (its event still
+            # queued) has a member or, orphaned, init as its parent; anything else is a neighbour.
+            if b is False or not (st.ppid in known or st.ppid == 1):
                 return False
         return True
 

@@ -37,7 +37,8 @@ from typing import Callable
 from cgguard.config import LineageDetect
 from cgguard.detect import Origin, Reason, Verdict
 from cgguard.kernel.clock import MS
-from cgguard.state.lineage import FREED, FROM_PROC, IDENTITY_TOLERANCE_NS, LineageTree, Record, seed_scores, walk, within
+from cgguard.kernel.procfs import TICK_NS
+from cgguard.state.lineage import FREED, FROM_PROC, LineageTree, Record, seed_scores, walk, within
 
 DETECTOR = "lineage"
 
@@ -171,7 +172,8 @@ def _complete(tree: LineageTree, where: str, origin: Record) -> bool:
     A record sighted from /proc but linked to a tracked parent is as good as one from events."""
     if tree.is_incomplete(where):
         return False
-    lo = origin.start_ns - IDENTITY_TOLERANCE_NS
+    # /proc start times are whole clock ticks: one tick before the origin may still be younger.
+    lo = origin.start_ns - TICK_NS
     if tree.loaded_start(where) < lo:
         return True
     return not any(

@@ -269,7 +269,13 @@ class LineageTree:
         old = live.get(child_tgid)
         if old is not None:
             if old.flags & FROM_PROC and abs(old.start_ns - ts_ns) < IDENTITY_TOLERANCE_NS:
-                return  # a /proc scan already saw this very fork
+                # A /proc scan already saw this very fork. /proc names the parent a process has
+                # now -- init, for an orphan whose parent exited -- while the event names the one
+                # that forked it: the event is right, so the record moves under it.
+                parent = live.get(parent_tgid)
+                if parent is not None and old.parent is not parent and parent is not old:
+                    self._relink(old, parent)
+                return
             # A live record for a pid that is forked again: its exit was lost. Identities never
             # merge; close the old record out.
             self._stats.pid_reuse += 1
@@ -430,6 +436,31 @@ class LineageTree:
             if p is None or p.alive or p.first_child is not None:
                 return
             rec = p
+
+    def _relink(self, rec: Record, parent: Record) -> None:
+        p = rec.parent
+        if p is not None:
+            prv, nxt = rec.prev_sib, rec.next_sib
+            if prv is None:
+                p.first_child = nxt
+            else:
+                prv.next_sib = nxt
+            if nxt is not None:
+                nxt.prev_sib = prv
+            p.nforks -= 1
+            p.nlive -= 1 if rec.alive else 0
+        rec.parent = parent
+        rec.prev_sib = None
+        rec.depth = parent.depth + 1
+        first = parent.first_child
+        if first is not None:
+            first.prev_sib = rec
+        rec.next_sib = first
+        parent.first_child = rec
+        parent.nforks += 1
+        parent.nlive += 1 if rec.alive else 0
+        if p is not None and not p.alive and p.first_child is None:
+            self._free(p)
 
     def move(self, rec: Record, cgroup: str) -> None:
         cg = rec.cg

@@ -100,7 +100,8 @@ def resync(tree: LineageTree, fs: CgroupFS, cgroups: Iterable[str] | None = None
 
 def adopt(tree: LineageTree, fs: CgroupFS, cgroup: str) -> int:
     """Records for the processes of ``cgroup`` the tree does not know: moved in after their fork
-    (container runtimes, ``systemd-run --scope``, an operator's echo into cgroup.procs)."""
+    (container runtimes, ``systemd-run --scope``, an operator's echo into cgroup.procs). A
+    process whose FORK event is still queued is linked to its true parent when it arrives."""
     return _sync(tree, fs, [cgroup], mark_gone=False)
 
 

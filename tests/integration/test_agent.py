@@ -3,14 +3,13 @@
 import json
 import os
 import socket
-import time
 import urllib.request
 
 import pytest
 
 from agentproc import AgentProc
 from cgguard.testkit.corpus import WORKLOADS
-from conftest import run_cli
+from conftest import run_cli, wait_until
 
 
 def bomb_argv(name="classic", secs=6):
@@ -41,7 +40,7 @@ def test_newcomer_run_removes_bomb_and_spares_xargs_sibling(sandbox, agent_facto
     with urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/healthz", timeout=2) as r:
         assert r.status == 200
     xargs = sandbox.spawn(["bash", "-c", "seq 3000 | xargs -P 16 -n 1 true"], sib_cg, deadline_s=60)
-    time.sleep(0.2)
+    assert wait_until(lambda: sandbox.fs.procs(sib_cg)), "xargs never started"
     bomb = sandbox.spawn(bomb_argv(), bomb_cg, deadline_s=8)
     inc = agent.wait_incident(bomb_cg)
     assert inc["result"] in ("removed", "gone"), inc
@@ -50,9 +49,9 @@ def test_newcomer_run_removes_bomb_and_spares_xargs_sibling(sandbox, agent_facto
     assert inc["reasons"] and all(r["detail"] for r in inc["reasons"])
     for key in ("tasks_at_detection", "peak_tasks", "detect_ms", "remove_ms"):
         assert isinstance(inc[key], (int, float)), key
-    time.sleep(0.3)
-    assert sandbox.live_pids(bomb) == []
+    assert wait_until(lambda: sandbox.live_pids(bomb) == []), sandbox.live_pids(bomb)
     assert xargs.proc.wait(60) == 0  # ran to completion, untouched
+    agent.caught_up()
     assert [i for i in agent.incidents() if i["cgroup"] != bomb_cg] == []
     assert x  # the parent was watched but the smallest cgroup holding the bomb was acted on
     st = agent.control({"cmd": "status"})["status"]
@@ -129,6 +128,6 @@ def test_agent_ignores_cgroup_vanishing_mid_run(sandbox, agent_factory):
         w = sandbox.spawn(["true"], cg, deadline_s=5)
         w.proc.wait(5)
         os.rmdir(sandbox.fs.abspath(cg))
-    time.sleep(0.5)
+    agent.caught_up()
     assert agent.proc.poll() is None
     assert agent.incidents() == []

@@ -5,14 +5,13 @@ Bombs are bounded (deadline) and contained (kernel task cap) by cgguard.testkit.
 """
 
 import tempfile
-import time
 
 import pytest
 
 from agentproc import AgentProc
 from cgguard.testkit.sandbox import Sandbox
 from cgguard.testkit.corpus import BENIGN, BOMBS, WORKLOADS
-from conftest import _fs_or_reason
+from conftest import _fs_or_reason, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +34,10 @@ def corpus_env(tmp_path_factory):
         assert not left, left
 
 
-def _idle(sb):
-    # Let the machine settle between workloads so one does not bleed into the next.
-    time.sleep(0.3)
+def _idle(sb, cg):
+    # The next workload starts once nothing of this one runs (its processes would compete for
+    # the CPU and blur what the next trial measures).
+    assert wait_until(lambda: not sb.fs.populated(cg), timeout=60), f"{cg} still populated"
 
 
 @pytest.mark.parametrize("name", [w.name for w in BENIGN])
@@ -57,10 +57,10 @@ def test_benign_runs_to_completion_untouched(corpus_env, name):
     run = sb.spawn(argv, cg, deadline_s=90)
     rc = run.proc.wait(90)
     assert rc == 0, f"{name} exited with {rc} (killed?)"
-    time.sleep(0.2)
+    agent.caught_up()  # every event of the workload has been judged
     mine = [i for i in agent.incidents() if i["cgroup"].startswith(cg)]
     assert mine == [], f"false verdict on {name}: {mine}"
-    _idle(sb)
+    _idle(sb, cg)
 
 
 @pytest.mark.parametrize("name", [w.name for w in BOMBS])
@@ -75,16 +75,15 @@ def test_bomb_removed_with_no_survivors(corpus_env, name):
         pytest.skip(reason)
     cg = sb.cgroup(f"bomb-{name}")
     innocents = [sb.spawn(["sleep", "60"], cg, deadline_s=60) for _ in range(w.extra.get("innocents", 0))]
-    time.sleep(0.2)
+    assert wait_until(lambda: len(sb.fs.procs(cg)) >= len(innocents))
     bomb = sb.spawn(w.make(8), cg, deadline_s=10)
     inc = agent.wait_incident(cg, timeout=20)
     assert inc["result"] in ("removed", "gone"), inc
     assert inc["survivors"] == 0, inc
     assert inc["reasons"], inc
-    time.sleep(0.3)
-    assert sb.live_pids(bomb) == [], f"{name}: bomb processes survived"
+    assert wait_until(lambda: sb.live_pids(bomb) == []), f"{name}: bomb processes survived: {sb.live_pids(bomb)}"
     assert [i.proc.poll() for i in innocents] == [None] * len(innocents), f"{name}: an innocent process was killed"
     for i in innocents:
         i.proc.kill()  # just this process: the cgroup is shared
         i.proc.wait(5)
-    _idle(sb)
+    _idle(sb, cg)

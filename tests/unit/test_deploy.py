@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cgguard.attribution import attribute
-from cgguard.config import Config, ConfigError, build, glob_match, parse_listen
+from cgguard.config import Config, ConfigError, build, parse_listen
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
