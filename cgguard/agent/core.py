@@ -130,6 +130,9 @@ class Agent:
         self.control: ControlServer | None = None
         self._kills: dict[str, PendingKill] = {}
         self._cooldown: dict[str, int] = {}
+        # Lineage verdicts set aside by a relaxing allow rule, per target: quiet for a while,
+        # without muting the budget rules the rule leaves in charge.
+        self._lineage_quiet: dict[str, int] = {}
         self._acted: dict[str, tuple[int, str, str]] = {}  # target -> (when, action, result)
         self._adopt_at: dict[str, int] = {}
         self._workloads: dict[str, dict[str, Any] | None] = {}
@@ -205,7 +208,7 @@ class Agent:
         pk = self._kills.pop(node.rel, None)
         if pk is not None:
             self._finish(pk.job, ActionResult("kill-cgroup", "gone", (self.clock() - pk.t0_ns) / MS, 0, pk.tasks_before))
-        for table in (self._cooldown, self._workloads, self._adopt_at, self._acted):
+        for table in (self._cooldown, self._lineage_quiet, self._workloads, self._adopt_at, self._acted):
             table.pop(node.rel, None)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
@@ -487,15 +490,23 @@ class Agent:
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return
+        if verdict.evidence == "lineage" and self._lineage_quiet.get(target.rel, 0) > now:
+            return
         wl = self.workload(target.rel)
         tenant = tenant_key(target.rel, wl, self._top_watched(target.rel))
-        d = policy.decide(verdict, self._context(target, verdict, tenant, now))
+        ctx = self._context(target, verdict, tenant, now)
+        d = policy.decide(verdict, ctx)
         if d.kills:
             self.kill_budgets.take(tenant)
         inc = self._incident(target, d, tenant, wl)
         log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
         self._record(inc, final=False)
-        self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
+        if d.result == "allowed" and ctx.allowed is None:
+            # Relaxed, not exempt: only the lineage evidence was set aside. A cooldown of the
+            # whole target would also silence the budget rules while the tool runs away.
+            self._lineage_quiet[target.rel] = now + 30_000 * MS
+        else:
+            self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
         if not d.acts:
             inc.result = d.result or "reported"
             self._record(inc, final=True, unremoved=d.unremoved)
