@@ -418,18 +418,25 @@ def incidents_of(agent: AgentProc, cg: str) -> list[dict[str, Any]]:
     return [i for i in agent.incidents() if i["cgroup"] == cg]
 
 
-def relax_fanout(sandbox, glob: str) -> dict[str, Any]:
-    return {"allow": [{"match": glob, "cmdline": r"/fanout\.sh ", "mode": "relax"}]}
+def relax(glob: str) -> dict[str, Any]:
+    return {"match": glob, "cmdline": r"/fanout\.sh ", "mode": "relax"}
+
+
+def from_a_shell(argv: list[str]) -> list[str]:
+    """As a build runs a tool: a shell already in the cgroup (so tracked) forks and execs it.
+    The tool's first copy then exits within milliseconds of its exec, before the agent may have
+    read what it ran: the allow rule must still recognise it."""
+    return ["bash", "-c", '"$@"; wait', "build", *argv]
 
 
 def test_allow_listed_recursive_tool_runs_while_a_bomb_next_to_it_is_removed(tmp_path, sandbox, agents, fanout):
     tools, other, bombs = sandbox.cgroup("tools"), sandbox.cgroup("other"), sandbox.cgroup("bomb")
-    cfg = write_config(tmp_path / "cgguard.yaml", allow=[{"match": tools, "cmdline": r"/fanout\.sh ", "mode": "relax"}])
+    cfg = write_config(tmp_path / "cgguard.yaml", allow=[relax(tools)])
     agent = agents([f"{sandbox.name}/*"], "--config", cfg)
 
     # Control: the same tool where the rule does not apply is convicted on lineage alone.
     argv, out = fanout("other")
-    unlisted = sandbox.spawn(argv, other, deadline_s=30)
+    unlisted = sandbox.spawn(from_a_shell(argv), other, deadline_s=30)
     inc = agent.wait_incident(other)
     assert (inc["evidence"], inc["result"]) == ("lineage", "removed"), inc
     wait_for(lambda: sandbox.live_pids(unlisted) == [], "the unlisted tool to be gone")
@@ -437,7 +444,7 @@ def test_allow_listed_recursive_tool_runs_while_a_bomb_next_to_it_is_removed(tmp
 
     # Allowed: the tool runs to completion while a classic bomb next to it is removed.
     argv, out = fanout("tools")
-    tool = sandbox.spawn(argv, tools, deadline_s=30)
+    tool = sandbox.spawn(from_a_shell(argv), tools, deadline_s=30)
     bomb = sandbox.spawn(classic(), bombs, deadline_s=8)
     removed = agent.wait_incident(bombs)
     assert removed["result"] == "removed" and removed["survivors"] == 0, removed
@@ -448,17 +455,16 @@ def test_allow_listed_recursive_tool_runs_while_a_bomb_next_to_it_is_removed(tmp
     assert (allowed["action"], allowed["result"], allowed["evidence"]) == ("report", "allowed", "lineage"), allowed
     rule = f"allow rule (relax: cmdline~'/fanout\\\\.sh ' in {tools})"
     assert any(rule in n for n in allowed["notes"]), allowed["notes"]
-    assert "fanout.sh" in (allowed["origin"]["cmdline"] or "")
 
 
 def test_allow_listed_tool_that_runs_away_is_still_removed(tmp_path, sandbox, agents, fanout):
     """relax only takes lineage out of the decision: a tool on the list that grows past its
     budget (the kernel cap of 300 here) is removed by the budget rules."""
     tools = sandbox.cgroup("tools")
-    cfg = write_config(tmp_path / "cgguard.yaml", allow=[{"match": tools, "cmdline": r"/fanout\.sh ", "mode": "relax"}])
+    cfg = write_config(tmp_path / "cgguard.yaml", allow=[relax(tools)])
     agent = agents([f"{sandbox.name}/*"], "--config", cfg)
     argv, _ = fanout("runaway", depth=-1, secs=8)
-    tool = sandbox.spawn(argv, tools, deadline_s=10, cap=300)
+    tool = sandbox.spawn(from_a_shell(argv), tools, deadline_s=10, cap=300)
 
     def removal() -> dict[str, Any] | None:
         return next((i for i in incidents_of(agent, tools) if i["result"] not in ("detected", "allowed")), None)
