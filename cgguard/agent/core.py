@@ -431,10 +431,46 @@ class Agent:
         if not self.cfg.allow or v.origin is None:
             return None, None
         exe = self.tracking.origin_exe(v.origin_ref) if self.tracking else None
+        comm, cmdline, via = v.origin.comm, v.origin.cmdline, ""
+        if cmdline is None or exe is None:
+            # A fire-and-forget tool's first copy exits milliseconds after its exec, often before
+            # its image was read: what it ran is then told by its nearest live copy.
+            copy = self._copy_image(v.origin_ref)
+            if copy is not None:
+                pid, c_exe, c_comm, c_cmdline = copy
+                exe, comm, cmdline = exe or c_exe, comm or c_comm, cmdline or c_cmdline
+                via = f" (matched on its copy {pid}: the origin exited before its image was read)"
         for rule in self.cfg.allow:
-            if rule.matches(target, exe, v.origin.comm, v.origin.cmdline):
-                return (rule.describe(), None) if rule.mode == "exempt" else (None, rule.describe())
+            if rule.matches(target, exe, comm, cmdline):
+                what = rule.describe() + via
+                return (what, None) if rule.mode == "exempt" else (None, what)
         return None, None
+
+    def _copy_image(self, origin: Any, limit: int = 64) -> tuple[int, str | None, str | None, str | None] | None:
+        """(pid, exe, comm, cmdline) of the shallowest live descendant of ``origin`` whose image
+        can be read, looking at ``limit`` records at most (a bomb's family is large)."""
+        if self.tracking is None or origin is None:
+            return None
+        tree = self.tracking.tree
+        level, seen = [origin], 0
+        while level and seen < limit:
+            nxt = []
+            for rec in level:
+                for c in rec.children():
+                    seen += 1
+                    if c.alive:
+                        comm, cmdline = tree.describe(c)
+                        if cmdline is not None:
+                            try:
+                                exe: str | None = os.readlink(f"/proc/{c.tgid}/exe")
+                            except OSError:
+                                exe = None
+                            return c.tgid, exe, comm, cmdline
+                    nxt.append(c)
+                    if seen >= limit:
+                        return None
+            level = nxt
+        return None
 
     def _escalation(self, rel: str, now: int) -> str | None:
         last = self._acted.get(rel)
