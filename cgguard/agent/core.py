@@ -436,7 +436,8 @@ class Agent:
             # A fire-and-forget tool's first copy exits milliseconds after its exec, often before
             # its image was read: what it ran is then told by its nearest live copy.
             copy = self._copy_image(v.origin_ref)
-            if copy is not None:
+            # A copy that runs another program (make's sh) says nothing about the origin.
+            if copy is not None and comm in (None, copy[2]):
                 pid, c_exe, c_comm, c_cmdline = copy
                 exe, comm, cmdline = exe or c_exe, comm or c_comm, cmdline or c_cmdline
                 via = f" (matched on its copy {pid}: the origin exited before its image was read)"
@@ -446,28 +447,35 @@ class Agent:
                 return (what, None) if rule.mode == "exempt" else (None, what)
         return None, None
 
-    def _copy_image(self, origin: Any, limit: int = 64) -> tuple[int, str | None, str | None, str | None] | None:
+    def _copy_image(
+        self, origin: Any, visits: int = 4096, reads: int = 8
+    ) -> tuple[int, str | None, str | None, str | None] | None:
         """(pid, exe, comm, cmdline) of the shallowest live descendant of ``origin`` whose image
-        can be read, looking at ``limit`` records at most (a bomb's family is large)."""
+        can be read. Bounded: a bomb's family is large, and a tool's early generations are all
+        gone (``visits`` records looked at, ``reads`` of them read from /proc)."""
         if self.tracking is None or origin is None:
             return None
         tree = self.tracking.tree
-        level, seen = [origin], 0
-        while level and seen < limit:
+        level: list[Any] = [origin]
+        while level:
             nxt = []
             for rec in level:
                 for c in rec.children():
-                    seen += 1
-                    if c.alive:
-                        comm, cmdline = tree.describe(c)
-                        if cmdline is not None:
-                            try:
-                                exe: str | None = os.readlink(f"/proc/{c.tgid}/exe")
-                            except OSError:
-                                exe = None
-                            return c.tgid, exe, comm, cmdline
+                    visits -= 1
+                    if visits < 0:
+                        return None
                     nxt.append(c)
-                    if seen >= limit:
+                    if not c.alive:
+                        continue
+                    comm, cmdline = tree.describe(c)
+                    reads -= 1
+                    if cmdline is not None:
+                        try:
+                            exe: str | None = os.readlink(f"/proc/{c.tgid}/exe")
+                        except OSError:
+                            exe = None
+                        return c.tgid, exe, comm, cmdline
+                    if reads <= 0:
                         return None
             level = nxt
         return None
