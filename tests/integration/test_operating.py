@@ -16,9 +16,9 @@ every operator surface live at once.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -379,8 +379,9 @@ FANOUT = """#!/bin/bash
 # and exits without waiting for them (fire and forget); the leaves do the work. DEPTH 6 is 63
 # abandoning members over 6 generations: the shape lineage alone calls a bomb (MODEL.md's
 # documented limit). A negative DEPTH never reaches 0 -- the tool's bug that turns it into a
-# runaway; DEADLINE (epoch seconds) bounds even that.
+# runaway; DEADLINE (epoch seconds, or +SECS from the first copy's start) bounds even that.
 d=$1 out=$2 deadline=$3
+[[ $deadline == +* ]] && deadline=$((EPOCHSECONDS + ${deadline#+}))
 if (( d != 0 )); then
   (( EPOCHSECONDS < deadline )) || exit 0
   "$0" $((d - 1)) "$out" "$deadline" &
@@ -395,7 +396,7 @@ LEAVES = 2**DEPTH
 
 
 @pytest.fixture
-def fanout(tmp_path) -> Callable[[str, int, int], tuple[list[str], Path]]:
+def fanout(tmp_path) -> Callable[..., tuple[list[str], Path]]:
     """(argv, output file) of a fanout.sh run of ``depth`` that stops forking after ``secs``."""
     tool = tmp_path / "bin" / "fanout.sh"
     tool.parent.mkdir()
@@ -405,7 +406,7 @@ def fanout(tmp_path) -> Callable[[str, int, int], tuple[list[str], Path]]:
     def make(name: str, depth: int = DEPTH, secs: int = 20) -> tuple[list[str], Path]:
         out = tmp_path / f"{name}.out"
         out.touch()
-        return [str(tool), str(depth), str(out), str(int(time.time()) + secs)], out
+        return [str(tool), str(depth), str(out), f"+{secs}"], out
 
     return make
 
@@ -422,11 +423,14 @@ def relax(glob: str) -> dict[str, Any]:
     return {"match": glob, "cmdline": r"/fanout\.sh ", "mode": "relax"}
 
 
-def from_a_shell(argv: list[str]) -> list[str]:
+def from_a_shell(argv: list[str], gate: Path | None = None) -> list[str]:
     """As a build runs a tool: a shell already in the cgroup (so tracked) forks and execs it.
     The tool's first copy then exits within milliseconds of its exec, before the agent may have
-    read what it ran: the allow rule must still recognise it."""
-    return ["bash", "-c", '"$@"; wait', "build", *argv]
+    read what it ran: the allow rule must still recognise it. With ``gate`` (a FIFO) the shell
+    waits for a line on it before it starts the tool."""
+    if gate is None:
+        return ["bash", "-c", '"$@"; wait', "build", *argv]
+    return ["bash", "-c", 'read -r _ < "$0"; "$@"; wait', str(gate), *argv]
 
 
 def test_allow_listed_recursive_tool_runs_while_a_bomb_next_to_it_is_removed(tmp_path, sandbox, agents, fanout):
@@ -462,9 +466,19 @@ def test_allow_listed_tool_that_runs_away_is_still_removed(tmp_path, sandbox, ag
     budget (the kernel cap of 300 here) is removed by the budget rules."""
     tools = sandbox.cgroup("tools")
     cfg = write_config(tmp_path / "cgguard.yaml", allow=[relax(tools)])
-    agent = agents([f"{sandbox.name}/*"], "--config", cfg)
     argv, _ = fanout("runaway", depth=-1, secs=8)
-    tool = sandbox.spawn(from_a_shell(argv), tools, deadline_s=10, cap=300)
+    gate = tmp_path / "go"
+    os.mkfifo(gate)
+    tool = sandbox.spawn(from_a_shell(argv, gate), tools, deadline_s=10, cap=300)
+    # The build's shell sits in its kernel cap group before the agent starts, so the agent reads
+    # the cap as the budget from its first look (a cgroup that fills up while its first process
+    # is still being moved into its v1 group has the default budget until it is resolved again).
+    wait_for(lambda: sandbox.v1_current(tool) == 1, "the shell to enter its cap group")
+    agent = agents([f"{sandbox.name}/*"], "--config", cfg)
+    (budget,) = [c for c in agent.status()["cgroups"] if c["path"] == tools]
+    assert budget["budget"] == 300, budget
+    with open(gate, "w") as g:
+        g.write("go\n")
 
     def removal() -> dict[str, Any] | None:
         return next((i for i in incidents_of(agent, tools) if i["result"] not in ("detected", "allowed")), None)
@@ -472,9 +486,11 @@ def test_allow_listed_tool_that_runs_away_is_still_removed(tmp_path, sandbox, ag
     try:
         inc = wait_for(removal, "the runaway to be acted on", 9)
     except AssertionError as e:
-        raise AssertionError(f"{e}; incidents: {incidents_of(agent, tools)}; log: {agent.output()}") from None
+        st = [c for c in agent.status()["cgroups"] if c["path"] == tools]
+        raise AssertionError(f"{e}: cap group holds {sandbox.v1_current(tool)}, agent status {st}, "
+                             f"incidents {incidents_of(agent, tools)}, log {agent.output()}") from None
     assert inc["result"] == "removed" and inc["evidence"] != "lineage", inc
     wait_for(lambda: sandbox.live_pids(tool) == [], "the runaway's processes to be gone")
-    for i in incidents_of(agent, tools):
-        if i["evidence"] == "lineage":
-            assert i["result"] == "allowed", i
+    allowed = [i for i in incidents_of(agent, tools) if i["result"] == "allowed"]
+    assert all(i["evidence"] == "lineage" for i in allowed), allowed
+    assert [i for i in incidents_of(agent, tools) if i["evidence"] == "lineage"] == allowed
