@@ -494,3 +494,26 @@ def test_allow_listed_tool_that_runs_away_is_still_removed(tmp_path, sandbox, ag
     allowed = [i for i in incidents_of(agent, tools) if i["result"] == "allowed"]
     assert all(i["evidence"] == "lineage" for i in allowed), allowed
     assert [i for i in incidents_of(agent, tools) if i["evidence"] == "lineage"] == allowed
+
+
+# -- the benchmark scenario (cgguard/bench/operating.py) runs: its timing is the bench's to judge ---
+@pytest.mark.slow
+def test_bench_sink_overhead_scenario_runs(cgfs):
+    from cgguard.bench.operating import sink_overhead
+    from cgguard.bench.runner import Bench
+    from cgguard.testkit.sandbox import Sandbox
+
+    sb = Sandbox.create(cgfs, prefix="cgguard-test", cap=1024)
+    b = Bench(cgfs, sb, cap=1024, log=lambda _: None)
+    try:
+        res = sink_overhead(b, runs=1)
+    finally:
+        left = sb.close()
+        b.close()
+    assert not left, left
+    assert res["plain"]["removed"] == res["hung_sinks"]["removed"] == 1, res
+    assert res["hooks_started"] >= 1 and res["hooks_left_running"] == [], res  # hung, then ended with the agent
+    assert not any("no hook started" in n for n in res["hung_sinks"]["notes"]), res
+    for variant in ("plain", "hung_sinks"):
+        assert isinstance(res[variant]["median_start_to_gone_ms"], float), res
+    assert isinstance(res["slowdown_pct"], float) and res["target_pct"] == 10.0
