@@ -386,6 +386,11 @@ def cmd_check_config(a: argparse.Namespace) -> int:
         f"{a.file}: ok: watch {len(cfg.watch)} glob(s), protect {len(cfg.protect)}, action {cfg.action.value}"
         f"{', dry run' if cfg.dry_run else ''}"
     )
+    # The allow-list in the order it is tried (first match wins), each regex exactly as parsed
+    # (not repr'd), so an operator sees what YAML quoting turned it into.
+    for rule in cfg.allow:
+        what = " ".join(f"{k}~'{v}'" for k, v in (("exe", rule.exe), ("comm", rule.comm), ("cmdline", rule.cmdline)) if v is not None)
+        print(_text(f"allow: {rule.mode} {what} in '{rule.match}'"))
     if not cfg.watch:
         print(f"{a.file}: note: no 'watch' globs; 'cgguard run' will need --watch", file=sys.stderr)
     return 0

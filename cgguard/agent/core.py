@@ -130,6 +130,9 @@ class Agent:
         self.control: ControlServer | None = None
         self._kills: dict[str, PendingKill] = {}
         self._cooldown: dict[str, int] = {}
+        # Lineage verdicts set aside by a relaxing allow rule, per target: quiet for a while,
+        # without muting the budget rules the rule leaves in charge.
+        self._lineage_quiet: dict[str, int] = {}
         self._acted: dict[str, tuple[int, str, str]] = {}  # target -> (when, action, result)
         self._adopt_at: dict[str, int] = {}
         self._workloads: dict[str, dict[str, Any] | None] = {}
@@ -205,7 +208,7 @@ class Agent:
         pk = self._kills.pop(node.rel, None)
         if pk is not None:
             self._finish(pk.job, ActionResult("kill-cgroup", "gone", (self.clock() - pk.t0_ns) / MS, 0, pk.tasks_before))
-        for table in (self._cooldown, self._workloads, self._adopt_at, self._acted):
+        for table in (self._cooldown, self._lineage_quiet, self._workloads, self._adopt_at, self._acted):
             table.pop(node.rel, None)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
@@ -428,10 +431,54 @@ class Agent:
         if not self.cfg.allow or v.origin is None:
             return None, None
         exe = self.tracking.origin_exe(v.origin_ref) if self.tracking else None
+        comm, cmdline, via = v.origin.comm, v.origin.cmdline, ""
+        if cmdline is None or exe is None:
+            # A fire-and-forget tool's first copy exits milliseconds after its exec, often before
+            # its image was read: what it ran is then told by its nearest live copy.
+            copy = self._copy_image(v.origin_ref)
+            # A copy that runs another program (make's sh) says nothing about the origin.
+            if copy is not None and comm in (None, copy[2]):
+                pid, c_exe, c_comm, c_cmdline = copy
+                exe, comm, cmdline = exe or c_exe, comm or c_comm, cmdline or c_cmdline
+                via = f" (matched on its copy {pid}: the origin exited before its image was read)"
         for rule in self.cfg.allow:
-            if rule.matches(target, exe, v.origin.comm, v.origin.cmdline):
-                return (rule.describe(), None) if rule.mode == "exempt" else (None, rule.describe())
+            if rule.matches(target, exe, comm, cmdline):
+                what = rule.describe() + via
+                return (what, None) if rule.mode == "exempt" else (None, what)
         return None, None
+
+    def _copy_image(
+        self, origin: Any, visits: int = 4096, reads: int = 8
+    ) -> tuple[int, str | None, str | None, str | None] | None:
+        """(pid, exe, comm, cmdline) of the shallowest live descendant of ``origin`` whose image
+        can be read. Bounded: a bomb's family is large, and a tool's early generations are all
+        gone (``visits`` records looked at, ``reads`` of them read from /proc)."""
+        if self.tracking is None or origin is None:
+            return None
+        tree = self.tracking.tree
+        level: list[Any] = [origin]
+        while level:
+            nxt = []
+            for rec in level:
+                for c in rec.children():
+                    visits -= 1
+                    if visits < 0:
+                        return None
+                    nxt.append(c)
+                    if not c.alive:
+                        continue
+                    comm, cmdline = tree.describe(c)
+                    reads -= 1
+                    if cmdline is not None:
+                        try:
+                            exe: str | None = os.readlink(f"/proc/{c.tgid}/exe")
+                        except OSError:
+                            exe = None
+                        return c.tgid, exe, comm, cmdline
+                    if reads <= 0:
+                        return None
+            level = nxt
+        return None
 
     def _escalation(self, rel: str, now: int) -> str | None:
         last = self._acted.get(rel)
@@ -494,15 +541,23 @@ class Agent:
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return
+        if verdict.evidence == "lineage" and self._lineage_quiet.get(target.rel, 0) > now:
+            return
         wl = self.workload(target.rel)
         tenant = tenant_key(target.rel, wl, self._top_watched(target.rel))
-        d = policy.decide(verdict, self._context(target, verdict, tenant, now))
+        ctx = self._context(target, verdict, tenant, now)
+        d = policy.decide(verdict, ctx)
         if d.kills:
             self.kill_budgets.take(tenant)
         inc = self._incident(target, d, tenant, wl)
         log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
         self._record(inc, final=False)
-        self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
+        if d.result == "allowed" and ctx.allowed is None:
+            # Relaxed, not exempt: only the lineage evidence was set aside. A cooldown of the
+            # whole target would also silence the budget rules while the tool runs away.
+            self._lineage_quiet[target.rel] = now + 30_000 * MS
+        else:
+            self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
         if not d.acts:
             inc.result = d.result or "reported"
             self._record(inc, final=True, unremoved=d.unremoved)

@@ -1,118 +1,28 @@
-"""The journal sink against a real systemd-journald, started in a private mount namespace (tmpfs
-on /run and /var/log/journal, its own journald.conf), so the host's journal is never touched.
-The sink reaches the namespace's socket through /proc/<journald>/root, and journalctl reads the
-entries back inside the same namespace (nsenter)."""
+"""The journal sink against a real systemd-journald, started in a private mount namespace
+(tests/journald_ns.py), so the host's journal is never touched."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
-import subprocess
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from journald_ns import missing as journald_missing
+from journald_ns import private_journald, wait_for
 
 from cgguard.sinks.incidents import Incident
 from cgguard.sinks.journald import MESSAGE_ID_ACTED, MESSAGE_ID_REPORTED, JournalSink
 
-JOURNALD = "/lib/systemd/systemd-journald"
-CONF = """[Journal]
-Storage=volatile
-ReadKMsg=no
-ForwardToSyslog=no
-ForwardToKMsg=no
-ForwardToConsole=no
-ForwardToWall=no
-Audit=no
-RateLimitIntervalSec=0
-"""
-SCRIPT = """set -e
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/systemd/journal /run/log/journal
-if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
-mount --bind "$1" /etc/systemd/journald.conf
-exec {journald}
-"""
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Journald:
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.socket = f"/proc/{proc.pid}/root/run/systemd/journal/socket"
-
-    def entries(self, *matches: str) -> list[dict[str, Any]]:
-        r = subprocess.run(
-            ["nsenter", "-t", str(self.proc.pid), "-m", "journalctl", "-o", "json", "--all", "--no-pager", *matches],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert r.returncode in (0, 1), r.stderr  # 1: no entries yet on some versions
-        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-
-    def wait_entries(self, n: int, *matches: str) -> list[dict[str, Any]]:
-        def enough() -> list[dict[str, Any]] | None:
-            e = self.entries(*matches)
-            return e if len(e) >= n else None
-
-        return wait_for(enough, f"{n} journal entries {matches}")
-
 
 @pytest.fixture
 def journald(tmp_path):
-    missing = [t for t in ("unshare", "nsenter", "journalctl", "mount") if shutil.which(t) is None]
-    reason = None
-    if os.geteuid() != 0:
-        reason = "needs root for a private mount namespace"
-    elif not os.path.exists(JOURNALD):
-        reason = f"{JOURNALD} not installed"
-    elif missing:
-        reason = f"missing tools: {missing}"
-    elif not os.path.exists("/etc/systemd/journald.conf"):
-        reason = "/etc/systemd/journald.conf missing (the private config is bind-mounted over it)"
+    reason = journald_missing()
     if reason:
         print(reason)
         pytest.skip(reason)
-    conf = tmp_path / "journald.conf"
-    conf.write_text(CONF)
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")}
-    proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", SCRIPT.format(journald=JOURNALD), "sh", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    j = Journald(proc)
-    try:
-        wait_for(lambda: proc.poll() is not None or os.path.exists(j.socket), "journald's socket")
-        if proc.poll() is not None:
-            raise AssertionError(f"journald exited {proc.returncode}: {proc.stderr.read().decode()}")
+    with private_journald(tmp_path) as j:
         yield j
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        proc.stderr.close()
 
 
 def text(v: Any) -> str:
