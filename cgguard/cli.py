@@ -361,14 +361,20 @@ def cmd_incidents(a: argparse.Namespace) -> int:
         if origin:
             cmd = origin.get("cmdline") or origin.get("comm")
             o = f" origin {_text(origin.get('pid'))} {_text(cmd)}{'' if origin.get('alive') else ' (dead)'}"
+        evidence = f" ({_text(it['evidence'])})" if it.get("evidence") else ""
+        dry = " [dry run]" if it.get("dry_run") else ""
         print(
-            f"{_text(it.get('time_iso', ''))} {_text(it['id'])} {_text(it['cgroup'])} {_text(it.get('detector'))}"
-            f" -> {_text(it['action'])}: {_text(it['result'])}"
+            f"{_text(it.get('time_iso', ''))} {_text(it['id'])} {_text(it['cgroup'])} {_text(it.get('detector'))}{evidence}"
+            f" -> {_text(it['action'])}: {_text(it['result'])}{dry}"
             f" tasks {it.get('tasks_at_detection')} peak {it.get('peak_tasks')} detect {it.get('detect_ms')} ms"
             f" remove {it.get('remove_ms')} ms survivors {it.get('survivors')}{o}"
         )
+        if it.get("budget") is not None or it.get("tenant"):
+            print(f"    budget {it.get('budget')} ({_text(it.get('budget_source') or '?')}), tenant {_text(it.get('tenant') or '?')}")
         for r in it.get("reasons") or []:
             print(f"    {_text(r.get('rule'))}: {_text(r.get('detail'))}")
+        for n in it.get("notes") or []:
+            print(f"    note: {_text(n)}")
     return 0
 
 

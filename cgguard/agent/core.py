@@ -550,6 +550,9 @@ class Agent:
         if d.kills:
             self.kill_budgets.take(tenant)
         inc = self._incident(target, d, tenant, wl)
+        # A whole-cgroup kill is written before anything else (logging fsyncs, sinks start hooks):
+        # every millisecond before cgroup.kill is a millisecond more of forks.
+        killed = self._write_kill(target) if d.action == Action.kill_cgroup else None
         log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
         self._record(inc, final=False)
         if d.result == "allowed" and ctx.allowed is None:
@@ -566,21 +569,27 @@ class Agent:
         tr = self.tracking
         v = d.verdict
         job = Job(inc, target.rel, d, classify=tr.member_test(v.origin_ref) if tr else None, settle=self._settle if tr else None)
-        if d.action == Action.kill_cgroup:
-            self._kill_now(target, job, now)
+        if killed is not None:
+            self._kill_sent(target, job, now, killed)
         else:
             self.worker.submit(job)
 
-    def _kill_now(self, target: Node, job: Job, now: int) -> None:
-        before = target.last_tasks
+    def _write_kill(self, target: Node) -> ActionResult | bool:
+        """True once cgroup.kill is written; the result instead if it could not be."""
         try:
             self.fs.kill(target.rel)
+            return True
         except CgroupGone:
-            self._finish(job, ActionResult("kill-cgroup", "gone", 0.0, 0, before))
-            return
+            return ActionResult("kill-cgroup", "gone", 0.0, 0, target.last_tasks)
         except CgroupError as e:
-            self._finish(job, ActionResult("kill-cgroup", "failed", None, None, before, notes=[str(e)]))
+            return ActionResult("kill-cgroup", "failed", None, None, target.last_tasks, notes=[str(e)])
+
+    def _kill_sent(self, target: Node, job: Job, now: int, written: ActionResult | bool) -> None:
+        """Wait for the kill's populated 0 through the inotify watch the watcher already has."""
+        if isinstance(written, ActionResult):
+            self._finish(job, written)
             return
+        before = target.last_tasks
         timeout = self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
         self._kills[target.rel] = PendingKill(job, now, now + timeout, before)
         if target.events_wd is None:  # no inotify watch (degraded): poll in _check_kills

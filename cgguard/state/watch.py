@@ -324,9 +324,12 @@ class Watcher:
         """The cgroup's budget, resolved again when stale, and soon after it first holds tasks on
         a hybrid host (its v1 group is found through one of its processes)."""
         b = node.budget
+        # On a hybrid host a runtime moves a process into its v1 pids group and into its cgroup2
+        # cgroup one after the other, in either order: while no limit is found, look again.
         v1_pending = (
-            populated and b is not None and not b.v1_pid and self.budgets.v1_root is not None
-            and now - b.resolved_ns >= V1_RETRY_NS
+            populated and b is not None and self.budgets.v1_root is not None
+            and not any(g.kind == "v1" for g in b.groups) and now - b.resolved_ns >= V1_RETRY_NS
+            and (now < node.active_until_ns or not b.v1_pid)
         )
         if b is None or self.budgets.stale(b, now) or v1_pending:
             if b is not None:

@@ -132,7 +132,8 @@ class Sandbox:
                 self._v1_dirs.append(v1_dir)
             with open(os.path.join(v1_dir, "pids.max"), "w") as f:
                 f.write(str(cap))
-            targets.append(os.path.join(v1_dir, "cgroup.procs"))
+            # Into the capped group first: the process is never in the watched cgroup uncapped.
+            targets.insert(0, os.path.join(v1_dir, "cgroup.procs"))
         elif self.mode == "v2-pids":
             try:
                 self.fs.write(cgroup, "pids.max", str(cap))
