@@ -124,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- helpers -----------------------------------------------------------------------------------
 def _load_config(path: str | None, overrides: dict[str, Any] | None = None):
-    from cgguard import config
+    from cgguard import configfile
 
-    path = path or config.default_config_path()
-    return config.load(path, overrides)
+    path = path or configfile.default_config_path()
+    return configfile.load(path, overrides)
 
 
 def _control_path(a: argparse.Namespace) -> str:
@@ -433,7 +433,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(a: argparse.Namespace) -> int:
-    from cgguard.config import reference_markdown
+    from cgguard.configfile import reference_markdown
 
     sys.stdout.write(reference_markdown())
     return 0

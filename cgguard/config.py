@@ -1,14 +1,13 @@
-"""Configuration: pydantic models, file loading (YAML or TOML), and flag overrides.
+"""Configuration: the pydantic models, and building them from data and flag overrides.
 
 Every bad value becomes one line naming the key (``ConfigError``), never a traceback. The models
-are also the source of the configuration reference in the README (``cgguard config-reference``).
+are also the source of the configuration reference in the README (``cgguard config-reference``);
+files are read by :mod:`cgguard.configfile`, globs matched by :mod:`cgguard.globs`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import os
 import re
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -24,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from cgguard.globs import check_glob, glob_match
+
 
 class ConfigError(Exception):
     """A configuration problem, worded for the operator, one line."""
@@ -35,25 +36,6 @@ class Action(str, Enum):
     kill_lineage = "kill-lineage"
     freeze = "freeze"  # keep it frozen for forensics
     report = "report"
-
-
-_GLOB_OK = re.compile(r"^[A-Za-z0-9_.:@*?\[\]!\-/\\=+,%]+$")
-
-
-def check_glob(glob: str) -> str:
-    g = glob.strip()
-    if not g:
-        raise ValueError("empty glob")
-    if g.startswith("/"):
-        raise ValueError(f"{glob!r}: must be relative to the cgroup2 root (no leading '/')")
-    if ".." in g.split("/"):
-        raise ValueError(f"{glob!r}: '..' is not allowed")
-    if not _GLOB_OK.match(g):
-        raise ValueError(f"{glob!r}: unexpected characters")
-    for part in g.split("/"):
-        if "**" in part and part != "**":
-            raise ValueError(f"{glob!r}: '**' must be a whole path component")
-    return g.strip("/")
 
 
 Glob = Annotated[str, AfterValidator(check_glob)]
@@ -470,62 +452,6 @@ def parse_listen(v: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-# -- globs -----------------------------------------------------------------------------------
-def _glob_regex(glob: str) -> re.Pattern[str]:
-    rx = ""
-    parts = glob.strip("/").split("/")
-    if parts == ["**"]:
-        return re.compile(".*")
-    for part in parts:
-        if part == "**":
-            # '**' spans zero or more whole levels: 'a/**' matches 'a' itself and all below it,
-            # '**/x' matches 'x' at any depth.
-            rx = f"{rx}(?:/.*)?" if rx else "(?:.*/)?"
-            continue
-        piece = fnmatch.translate(part)
-        piece = piece[len("(?s:") : -len(")\\Z")] if piece.startswith("(?s:") else piece
-        # fnmatch's '*' crosses '/'; here it stays within one level.
-        piece = piece.replace(".*", "[^/]*")
-        rx += ("/" if rx and not rx.endswith("/)?") else "") + piece
-    return re.compile(rx)
-
-
-_cache: dict[str, re.Pattern[str]] = {}
-
-
-def glob_match(glob: str, path: str) -> bool:
-    rx = _cache.get(glob)
-    if rx is None:
-        rx = _cache[glob] = _glob_regex(glob)
-    return rx.fullmatch(path.strip("/")) is not None
-
-
-def glob_static_prefix(glob: str) -> str:
-    """The longest leading part of a glob without wildcards: where watching has to start."""
-    out = []
-    for part in glob.strip("/").split("/"):
-        if any(c in part for c in "*?["):
-            break
-        out.append(part)
-    return "/".join(out)
-
-
-def glob_may_match_below(glob: str, path: str) -> bool:
-    """Could a descendant of ``path`` (or path itself) match ``glob``? Prunes directory watches."""
-    gparts = glob.strip("/").split("/")
-    pparts = [p for p in path.strip("/").split("/") if p]
-    for i, pp in enumerate(pparts):
-        if i >= len(gparts):
-            return False
-        g = gparts[i]
-        if g == "**":
-            return True
-        if not glob_match(g, pp):
-            return False
-    return True
-
-
-# -- loading ---------------------------------------------------------------------------------
 def _format_error(e: ValidationError) -> str:
     err = e.errors()[0]
     # A key is whatever the file says: quote any that would break the one-line message.
@@ -535,75 +461,6 @@ def _format_error(e: ValidationError) -> str:
     msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{loc}: {msg}{extra}"
-
-
-def _yaml_loader():
-    """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one silently, so a second
-    ``watch:`` or ``min_factor:`` further down would quietly replace the first."""
-    import yaml
-    from yaml.constructor import ConstructorError
-
-    class DuplicateKey(ConstructorError):
-        def __init__(self, key: Any, first: Any, again: Any):
-            super().__init__(None, None, f"duplicate key {key!r}", again)
-            self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            if isinstance(node, yaml.MappingNode):
-                seen: dict[Any, Any] = {}
-                for key_node, _ in node.value:
-                    # '<<' merges are flattened by SafeLoader; keys next to a merge override it.
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        first = seen.setdefault(key, key_node.start_mark)
-                    except TypeError:
-                        continue  # unhashable: SafeLoader reports it
-                    if first is not key_node.start_mark:
-                        raise DuplicateKey(key, first, key_node.start_mark)
-            return super().construct_mapping(node, deep=deep)
-
-    return Loader, DuplicateKey
-
-
-def load_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    if path.endswith(".toml"):
-        import tomllib
-
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-    else:
-        import yaml
-
-        loader, duplicate_key = _yaml_loader()
-        try:
-            data = yaml.load(raw.decode("utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
-        except duplicate_key as e:
-            key = repr(e.key)[:80]
-            raise ConfigError(f"{path}: duplicate key {key} at line {e.line} (first at line {e.first_line})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {first}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return data
 
 
 def build(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> Config:
@@ -625,47 +482,3 @@ def build(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | N
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_format_error(e)}") from None
-
-
-def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    data = load_file(path) if path else {}
-    return build(data, overrides, source=path or "flags")
-
-
-def default_config_path() -> str | None:
-    for p in (os.environ.get("CGGUARD_CONFIG"), "/etc/cgguard/config.yaml", "/etc/cgguard/config.toml"):
-        if p and os.path.exists(p):
-            return p
-    return None
-
-
-# -- reference -------------------------------------------------------------------------------
-def reference_markdown() -> str:
-    """The configuration reference, generated from the models (README embeds it; a test checks drift)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
-            key = f"{prefix}{name}"
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                doc = ((ann.__doc__ or "").strip().splitlines() or [""])[0]
-                lines.append(f"| `{key}` | section | | {doc} |")
-                walk(ann, key + ".")
-                continue
-            tname = str(ann).replace("typing.", "").replace(" | ", " \\| ") if type(ann).__name__ == "UnionType" else getattr(ann, "__name__", str(ann))
-            if isinstance(ann, type) and issubclass(ann, Enum):
-                tname = " \\| ".join(m.value for m in ann)
-            if f.default_factory is not None:
-                default = f.default_factory()
-            else:
-                default = f.default
-            if isinstance(default, Enum):
-                default = default.value
-            dtext = "none" if default is None else f"`{default!r}`" if not isinstance(default, str) else f"`{default}`"
-            if dtext == "``":
-                dtext = "`''`"
-            lines.append(f"| `{key}` | {tname} | {dtext} | {f.description or ''} |")
-
-    walk(Config, "")
-    return "\n".join(lines) + "\n"

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from cgguard.sinks.incidents import Incident
 
 
+log = logging.getLogger("cgguard.sinks")
+
 class Sink(Protocol):
     name: str
 
@@ -69,8 +71,9 @@ class LogLimit:
 def build_sinks(cfg: Config) -> list[Sink]:
     """The sinks the configuration asks for: the journal (on, or 'auto' and its socket exists),
     the hook commands (when any are configured) and the webhook (when a URL is set)."""
-    from cgguard.sinks.hooks import HookRunner, Webhook
+    from cgguard.sinks.hooks import HookRunner
     from cgguard.sinks.journald import JournalSink
+    from cgguard.sinks.webhook import Webhook
 
     sinks: list[Sink] = []
     j = cfg.journal
@@ -92,3 +95,24 @@ def build_sinks(cfg: Config) -> list[Sink]:
             )
         )
     return sinks
+
+
+def normal_priority() -> None:
+    """Make the calling thread (and so whatever it spawns) an ordinary one: SCHED_OTHER, nice 0.
+
+    Lowering both is always permitted. Linux keeps both per thread, so the agent's own threads
+    keep their priority."""
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as e:
+        log.warning("sinks: cannot reset the scheduling policy: %s", e.strerror)
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError as e:
+        log.warning("sinks: cannot reset the nice value: %s", e.strerror)
+
+
+def env_value(v: Any) -> str:
+    return ("" if v is None else str(v)).replace("\0", "")

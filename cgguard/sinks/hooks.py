@@ -1,10 +1,9 @@
-"""Sinks that hand incidents to the operator's own tooling: commands (``HookRunner``) and an HTTP
-endpoint (``Webhook``).
+"""Sink: incident hook commands (``HookRunner``); the HTTP endpoint is :mod:`.webhook`.
 
-Both are called on the agent's detection loop, so ``incident()`` only snapshots the record and
-queues it (O(1), never blocks, never raises); worker threads do the rest. Queues are bounded:
-when the operator's tooling is slower than a storm of incidents, runs are dropped and counted,
-never buffered without limit. ``close()`` returns within its bound even when every hook hangs.
+Called on the agent's detection loop, so ``incident()`` only snapshots the record and queues it
+(O(1), never blocks, never raises); worker threads do the rest. The queue is bounded: when the
+operator's tooling is slower than a storm of incidents, runs are dropped and counted, never
+buffered without limit. ``close()`` returns within its bound even when every hook hangs.
 
 Hooks run at normal scheduling priority: the worker threads that spawn them reset themselves to
 SCHED_OTHER at nice 0 first, since threads (and their children) inherit the policy and nice value
@@ -13,26 +12,21 @@ of the thread that creates them, and the agent's own threads run SCHED_RR at nic
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import queue as queue_mod
-import random
 import select
 import selectors
 import signal
-import ssl
 import subprocess
 import threading
 import time
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cgguard import __version__
-from cgguard.sinks import LogLimit, incident_snapshot
+from cgguard.sinks import LogLimit, env_value, incident_snapshot, normal_priority
 from cgguard.sinks.incidents import Incident
 
 log = logging.getLogger("cgguard.sinks.hooks")
@@ -42,23 +36,6 @@ EXIT_GRACE_S = 0.5  # after the hook exits, how long its leftovers may hold its 
 # Variables of the agent's service that must not leak into hooks (a hook could notify systemd,
 # or claim socket-activated descriptors, in the agent's name).
 _ENV_DROP = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-def normal_priority() -> None:
-    """Make the calling thread (and so whatever it spawns) an ordinary one: SCHED_OTHER, nice 0.
-
-    Lowering both is always permitted. Linux keeps both per thread, so the agent's own threads
-    keep their priority."""
-    try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except OSError as e:
-        log.warning("hooks: cannot reset the scheduling policy: %s", e.strerror)
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) < 0:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except OSError as e:
-        log.warning("hooks: cannot reset the nice value: %s", e.strerror)
 
 
 def command_argv(cmd: str | Sequence[str]) -> list[str]:
@@ -71,22 +48,18 @@ def command_argv(cmd: str | Sequence[str]) -> list[str]:
     return argv
 
 
-def _env_value(v: Any) -> str:
-    return ("" if v is None else str(v)).replace("\0", "")
-
-
 def hook_env(rec: dict[str, Any], phase: str, base: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _ENV_DROP}
     wl = rec.get("workload") if isinstance(rec.get("workload"), dict) else {}
     env.update(
-        CGGUARD_INCIDENT_ID=_env_value(rec.get("id")),
+        CGGUARD_INCIDENT_ID=env_value(rec.get("id")),
         CGGUARD_PHASE=phase,
-        CGGUARD_CGROUP=_env_value(rec.get("cgroup")),
-        CGGUARD_ACTION=_env_value(rec.get("action")),
-        CGGUARD_RESULT=_env_value(rec.get("result")),
-        CGGUARD_DETECTOR=_env_value(rec.get("detector")),
-        CGGUARD_WORKLOAD=_env_value(wl.get("name")),
-        CGGUARD_WORKLOAD_KIND=_env_value(wl.get("kind")),
+        CGGUARD_CGROUP=env_value(rec.get("cgroup")),
+        CGGUARD_ACTION=env_value(rec.get("action")),
+        CGGUARD_RESULT=env_value(rec.get("result")),
+        CGGUARD_DETECTOR=env_value(rec.get("detector")),
+        CGGUARD_WORKLOAD=env_value(wl.get("name")),
+        CGGUARD_WORKLOAD_KIND=env_value(wl.get("kind")),
         CGGUARD_DRY_RUN="1" if rec.get("dry_run") else "0",
     )
     return env
@@ -342,188 +315,3 @@ def _has_exited(pid: int, pidfd: int | None) -> bool:
 
 
 # -- webhook ---------------------------------------------------------------------------------
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-RESPONSE_CAP = 65536
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry ``attempt`` (1 = the first retry): exponential, capped, with "equal
-    jitter" (half fixed, half random) so that many agents retrying a recovering endpoint spread
-    out but never retry sooner than half the nominal delay."""
-    nominal = min(max_s, base_s * (2 ** (attempt - 1)))
-    return nominal / 2 + (rng or random).uniform(0, nominal / 2)
-
-
-class WebhookError(ValueError):
-    pass
-
-
-def parse_url(url: str) -> urllib.parse.SplitResult:
-    u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("http", "https"):
-        raise WebhookError(f"{url!r}: must start with http:// or https://")
-    if not u.hostname:
-        raise WebhookError(f"{url!r}: no host")
-    try:
-        u.port  # noqa: B018  (raises on a bad port)
-    except ValueError:
-        raise WebhookError(f"{url!r}: bad port") from None
-    return u
-
-
-class Webhook:
-    """POSTs each incident record (at detection and with the result; ``result`` tells which) as
-    JSON to ``url``, from one worker thread, in order.
-
-    Connection errors, timeouts and HTTP 408/425/429/5xx are retried up to ``retries`` times with
-    exponential backoff and jitter; other statuses (3xx, 4xx) count as failed at once, as
-    retrying cannot fix them. Redirects are not followed. ``timeout_s`` bounds connecting and
-    each read of one attempt.
-    """
-
-    name = "webhook"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 5.0,
-        queue: int = 256,
-        retries: int = 5,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
-        ssl_context: ssl.SSLContext | None = None,
-    ):
-        self.url = url
-        self._u = parse_url(url)
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self._u.scheme == "https" else None)
-        self._q: queue_mod.Queue[tuple[str, dict[str, Any]] | None] = queue_mod.Queue(maxsize=queue)
-        self._lock = threading.Lock()
-        self._counts = {"delivered": 0, "failed": 0, "dropped": 0, "retries": 0}
-        self._closed = False
-        self._closing = threading.Event()
-        self._abort = False
-        self._conn: http.client.HTTPConnection | None = None
-        self._warn = LogLimit(log)
-        self._thread = threading.Thread(target=self._work, name="cgguard-webhook", daemon=True)
-        self._thread.start()
-
-    # -- the agent's side --------------------------------------------------------------------
-    def incident(self, inc: Incident) -> None:
-        try:
-            if self._closed:
-                self._count("dropped")
-                return
-            phase = "detected" if inc.result == "detected" else "final"
-            self._q.put_nowait((phase, incident_snapshot(inc)))
-        except queue_mod.Full:
-            self._count("dropped")
-        except Exception:  # never let the webhook break the agent's loop
-            log.exception("webhook: could not queue incident")
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Stop retrying, send what is queued for most of ``timeout_s``, then abort the attempt
-        in flight; what is still queued then counts as dropped."""
-        if self._closed:
-            return
-        self._closed = True
-        start = time.monotonic()
-        self._closing.set()
-        try:
-            self._q.put_nowait(None)
-        except queue_mod.Full:
-            pass  # the worker finds _abort set below and drains the queue itself
-        self._thread.join(timeout_s * 0.6)
-        if self._thread.is_alive():
-            self._abort = True
-            conn = self._conn
-            sock = getattr(conn, "sock", None) if conn is not None else None
-            if sock is not None:
-                try:
-                    sock.shutdown(2)  # wakes the worker's blocked send/recv at once
-                except OSError:
-                    pass
-            self._thread.join(max(0.0, start + timeout_s - time.monotonic()))
-
-    # -- the worker --------------------------------------------------------------------------
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
-
-    def _work(self) -> None:
-        normal_priority()
-        while True:
-            try:
-                item = self._q.get(timeout=0.2) if self._abort else self._q.get()
-            except queue_mod.Empty:
-                return
-            if item is None:
-                return
-            if self._abort:
-                self._count("dropped")
-                continue
-            phase, rec = item
-            try:
-                self._deliver(phase, rec)
-            except Exception:  # a broken record must not end the worker
-                log.exception("webhook %s", self.url)
-                self._count("failed")
-
-    def _deliver(self, phase: str, rec: dict[str, Any]) -> None:
-        body = json.dumps(rec, sort_keys=True, default=str).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": f"cgguard/{__version__}",
-            "X-Cgguard-Incident-Id": _env_value(rec.get("id")),
-            "X-Cgguard-Phase": phase,
-        }
-        attempt = 0
-        while True:
-            ok, retryable, why = self._attempt(body, headers)
-            if ok:
-                self._count("delivered")
-                return
-            if not retryable or attempt >= self.retries or self._closing.is_set():
-                self._warn.warning("webhook %s: incident %s (%s) not delivered: %s", self.url, rec.get("id"), phase, why)
-                self._count("failed")
-                return
-            attempt += 1
-            self._count("retries")
-            delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
-            log.debug("webhook %s: %s; retry %d in %.2fs", self.url, why, attempt, delay)
-            if self._closing.wait(delay):
-                self._warn.warning("webhook %s: incident %s (%s) not delivered: %s (stopping)", self.url, rec.get("id"), phase, why)
-                self._count("failed")
-                return
-
-    def _attempt(self, body: bytes, headers: dict[str, str]) -> tuple[bool, bool, str]:
-        """One POST: (delivered, worth retrying, what happened)."""
-        u = self._u
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        conn: http.client.HTTPConnection
-        if u.scheme == "https":
-            conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=self.timeout_s, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout_s)
-        self._conn = conn
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            resp.read(RESPONSE_CAP)
-            status = resp.status
-        except (OSError, http.client.HTTPException) as e:
-            return False, True, f"{type(e).__name__}: {e}"
-        finally:
-            self._conn = None
-            conn.close()
-        if 200 <= status < 300:
-            return True, False, str(status)
-        return False, status in RETRY_STATUS, f"HTTP {status}"

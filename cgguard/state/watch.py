@@ -30,7 +30,8 @@ from typing import Callable, Iterable
 
 from inotify_simple import INotify, flags
 
-from cgguard.config import Sampling, glob_match, glob_may_match_below
+from cgguard.config import Sampling
+from cgguard.globs import glob_match, glob_may_match_below
 from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed
 from cgguard.kernel.clock import MS, S, now_ns
 from cgguard.kernel.files import FileCache

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 
 from cgguard.sinks import incident_snapshot
-from cgguard.sinks.hooks import HookRunner, Webhook, backoff_delay
+from cgguard.sinks.hooks import HookRunner
 from cgguard.sinks.incidents import Incident
+from cgguard.sinks.webhook import Webhook, backoff_delay
 
 pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="flock(1) missing")
 
@@ -463,7 +464,7 @@ def test_webhook_dead_endpoint_retried_then_failed(closing, caplog):
     s.close()  # nothing listens there now: connection refused
     hook = Webhook(f"http://127.0.0.1:{port}/", retries=3, backoff_s=0.01, max_backoff_s=0.02)
     closing.append(hook)
-    with caplog.at_level("DEBUG", logger="cgguard.sinks.hooks"):
+    with caplog.at_level("DEBUG", logger="cgguard.sinks.webhook"):
         hook.incident(incident(result="removed"))
         wait_for(lambda: hook.stats()["failed"] == 1, "the failure")
     assert hook.stats() == {"delivered": 0, "failed": 1, "dropped": 0, "retries": 3}
@@ -474,7 +475,7 @@ def test_webhook_dead_endpoint_retried_then_failed(closing, caplog):
 def test_webhook_silent_server_hits_the_timeout(silent, closing, caplog):
     hook = Webhook(silent.url, timeout_s=0.3, retries=1, backoff_s=0.01)
     closing.append(hook)
-    with caplog.at_level("WARNING", logger="cgguard.sinks.hooks"):
+    with caplog.at_level("WARNING", logger="cgguard.sinks.webhook"):
         hook.incident(incident(result="removed"))
         wait_for(lambda: hook.stats()["failed"] == 1, "the failure")
     assert hook.stats() == {"delivered": 0, "failed": 1, "dropped": 0, "retries": 1}

@@ -13,7 +13,8 @@ from conftest import run_cli
 from lineage_sim import MS, Sim
 
 from cgguard.agent.core import Agent
-from cgguard.config import AllowRule, Config, ConfigError, LineageDetect, load
+from cgguard.config import AllowRule, Config, ConfigError, LineageDetect
+from cgguard.configfile import load
 from cgguard.detect import Origin, Verdict
 from cgguard.detect.lineage import detect_lineage
 

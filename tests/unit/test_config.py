@@ -9,8 +9,9 @@ from conftest import run_cli
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from cgguard import config
-from cgguard.config import Action, ConfigError, build, glob_match, glob_may_match_below
+from cgguard import config, configfile
+from cgguard.config import Action, ConfigError, build
+from cgguard.globs import glob_match, glob_may_match_below
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_bad_flags_one_line_exit_2(args, needle, tmp_path):
 
 
 def test_reference_is_generated_from_models():
-    ref = config.reference_markdown()
+    ref = configfile.reference_markdown()
     for key in ("watch", "detect.lineage.min_family", "tracking.reset_interval_ms", "kill_budget.max_actions"):
         assert f"`{key}`" in ref
 

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from cgguard.config import reference_markdown
+from cgguard.configfile import reference_markdown
 from conftest import REPO
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

@@ -9,8 +9,9 @@ from conftest import run_cli
 
 from cgguard.config import ConfigError, build
 from cgguard.sinks import build_sinks
-from cgguard.sinks.hooks import HookRunner, Webhook
+from cgguard.sinks.hooks import HookRunner
 from cgguard.sinks.journald import JournalSink
+from cgguard.sinks.webhook import Webhook
 
 
 def test_defaults():
