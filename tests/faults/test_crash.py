@@ -1,0 +1,57 @@
+"""kill -9 mid-incident: an agent that dies between detection and outcome.
+
+The incident log gets two records per incident, ``detected`` before the action and the outcome
+after it. An agent SIGKILLed in between leaves the first alone. The restarted agent must close it
+(``interrupted``, never left looking like an action in progress) and look at its cgroup at once:
+whatever the dead agent meant to remove may still be running there.
+"""
+
+import os
+
+from faultkit import agents, assert_removed_whole, classic, wait_until  # noqa: F401 (fixture)
+
+from cgguard.sinks.incidents import Incident, IncidentLog
+
+
+def test_sigkill_mid_incident_is_closed_interrupted_and_its_runaway_removed(tmp_path, sandbox, agents):
+    """A real agent is SIGKILLed; its log then holds a ``detected`` record for a cgroup where a
+    bomb runs, as when the agent dies right after recording the detection and before its
+    cgroup.kill. (The record is written with the agent's own log writer, in the agent's format:
+    the window between the two records is a few milliseconds of a SCHED_RR thread, too short to
+    hit with a signal reliably, so the test makes it rather than races for it.)
+
+    Old agent: never read its own open records back; the incident stayed "detected" forever
+    (dashboards and ``cgguard incidents`` showed an action in progress for a dead process).
+    """
+    cg = sandbox.cgroup("crash")
+    workdir = str(tmp_path / "agent")
+    first = agents([f"{sandbox.name}/*"], workdir=workdir)
+    first.sigkill()
+    assert first.proc.returncode == -9
+
+    bomb = sandbox.spawn(classic(8), cg, deadline_s=30, cap=300)
+    wait_until(lambda: len(sandbox.live_pids(bomb)) > 20, 15, "the bomb to be running")
+    log = IncidentLog(first.state_dir)
+    log.open()
+    try:
+        left_open = Incident(
+            cgroup=cg, action="kill-cgroup", reasons=[{"rule": "pinned-at-limit", "detail": "300 of 300 tasks"}],
+            tasks_at_detection=300, detector="pinned", evidence="budget", budget=300, tenant=f"cgroup:{cg}",
+        )
+        log.append(left_open)
+    finally:
+        log.close()
+    assert [i["result"] for i in first.incidents()] == ["detected"]
+
+    second = agents([f"{sandbox.name}/*"], workdir=workdir)
+    closed = next(i for i in second.incidents() if i["id"] == left_open.id)
+    assert closed["result"] == "interrupted", closed
+    assert any("re-evaluated" in n for n in closed["notes"]), closed["notes"]
+
+    fresh = assert_removed_whole(second, sandbox, cg, bomb, skip=(left_open.id,))
+    assert fresh["time"] > closed["time"]
+    assert len(second.incidents_of(cg)) == 2
+    assert second.others(cg) == []
+    # The restart is visible to operators: the status counts what the log holds.
+    st = second.status()
+    assert st["incidents"]["recorded"] >= 2 and os.path.samefile(st["incidents"]["log"], os.path.join(first.state_dir, "incidents.jsonl"))
