@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import selectors
 import time
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ LOOP_TICK_NS = 200 * MS
 ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
+# Descriptors the rest of the agent may hold at once (sockets and their connections, pipes, the
+# incident log, /proc reads, a kill's inotify, hooks): kept-open cgroupfs files never take these.
+FD_RESERVE = 64
 
 
 class IncidentSink(Protocol):
@@ -145,6 +149,7 @@ class Agent:
         adopt_cgroupns_root(self.fs)
         self.own_cgroup = own_cgroup() or ""
         self.notes += protect_process()
+        self._fit_files_to_fd_limit()
         self.log.open()
         self._recover()
         self.incidents_recorded = self.log.count()
@@ -181,6 +186,23 @@ class Agent:
             "watching %d cgroups under %s (tracking: %s%s)",
             len(self.watcher.watched()), self.fs.root, self.tracking_note, ", dry run" if self.cfg.dry_run else "",
         )
+
+    def _fit_files_to_fd_limit(self) -> None:
+        """Kept-open files get at most half of what RLIMIT_NOFILE leaves beyond FD_RESERVE. A cache
+        that filled the fd table (the file cache only shrinks when its own open fails) would make
+        every other open fail with EMFILE: the status, a budget's pids.max, the incident log."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        fit = max(0, (soft - FD_RESERVE) // 2)
+        if fit < self.files.max_open:
+            msg = (
+                f"RLIMIT_NOFILE is {soft}: keeping at most {fit} cgroupfs files open "
+                f"(sampling.max_open_files {self.files.max_open}); the rest are opened per read"
+            )
+            log.warning(msg)
+            self.notes.append(msg)
+            self.files.max_open = fit
 
     def _recover(self) -> None:
         """An incident left open by a crash is closed, and its cgroup looked at again at once."""
