@@ -468,7 +468,7 @@ class Agent:
         configured = self.cfg.action_for(target.rel)
         tr = self.tracking
         wants_lineage = configured in (Action.auto, Action.kill_lineage) and not verdict.members
-        worst = tr.worst_lineage(target.rel) if wants_lineage and tr else None
+        worst = tr.whole(tr.worst_lineage(target.rel)) if wants_lineage and tr else None
         allowed, relaxed = self._allow(target.rel, verdict if verdict.origin else (worst or verdict))
         family = verdict if verdict.members else worst
         kb = self.cfg.kill_budget
@@ -506,6 +506,8 @@ class Agent:
 
     def _on_verdict(self, node: Node, verdict: Verdict) -> None:
         now = self.clock()
+        if self.tracking is not None:
+            verdict = self.tracking.whole(verdict)  # type: ignore[assignment]
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return
