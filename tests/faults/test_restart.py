@@ -4,8 +4,10 @@ A /proc snapshot at start-up has no exited processes in it, so the lineage of an
 started earlier is only partly known. The fail-safe rule: a runaway whose family is only partly
 known is removed whole (kill-cgroup), in one action; nothing of it is called "innocent".
 
-Each bomb is started ``LATE_S`` before the agent process (which then needs a second or more to
-import and scan), so by the time the agent looks the bomb is at or near its cap.
+Each bomb is started before the agent process: at least ``LATE_S`` before, and only once it
+really runs (``RUNNING`` processes: on a loaded machine the sandbox's shell may take longer than
+that to exec the bomb). The agent then needs a second or more to import and scan, so by the time
+it looks the bomb is at or near its cap.
 """
 
 import os
@@ -15,6 +17,13 @@ import pytest
 from faultkit import agents, assert_removed_whole, classic, fork_loop, wait_until  # noqa: F401 (fixture)
 
 LATE_S = 0.5
+RUNNING = 50
+
+
+def start_before_agent(sandbox, w, running: int = RUNNING) -> None:
+    t0 = time.monotonic()
+    wait_until(lambda: (sandbox.v1_current(w) or len(sandbox.live_pids(w))) >= running, 30, f"the bomb to run {running} tasks")
+    time.sleep(max(0.0, LATE_S - (time.monotonic() - t0)))
 
 
 def test_late_start_classic_bomb_is_removed_whole_in_one_action(sandbox, agents):
@@ -27,7 +36,7 @@ def test_late_start_classic_bomb_is_removed_whole_in_one_action(sandbox, agents)
     """
     cg = sandbox.cgroup("late")
     bomb = sandbox.spawn(classic(8), cg, deadline_s=30, cap=300)
-    time.sleep(LATE_S)  # the fault itself: the bomb runs before the agent does
+    start_before_agent(sandbox, bomb)  # the fault itself: the bomb runs before the agent does
     agent = agents([f"{sandbox.name}/*"])
     inc = assert_removed_whole(agent, sandbox, cg, bomb)
     assert inc["tasks_at_detection"] > 0
@@ -51,7 +60,7 @@ def test_late_start_fork_loop_is_removed_whole(sandbox, agents):
     """
     cg = sandbox.cgroup("loop")
     bomb = sandbox.spawn(fork_loop(20), cg, deadline_s=40, cap=300)
-    time.sleep(LATE_S)
+    start_before_agent(sandbox, bomb, running=300)  # at its cap: no growth left to see
     agent = agents([f"{sandbox.name}/*"])
     assert_removed_whole(agent, sandbox, cg, bomb, timeout=15)
     assert len(agent.incidents_of(cg)) == 1, agent.incidents_of(cg)
@@ -71,7 +80,7 @@ def test_late_start_bomb_beside_an_older_innocent_leaves_no_bomb_process(tmp_pat
     script = f'sleep 600 & echo $! > {pidfile}; exec "$0" -c "$1"'
     w = sandbox.spawn(["bash", "-c", script, *classic(8)[:1], classic(8)[2]], cg, deadline_s=30, cap=300)
     innocent = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the innocent's pid"))
-    time.sleep(LATE_S)
+    start_before_agent(sandbox, w)
     agent = agents([f"{sandbox.name}/*"])
     inc = agent.wait_incident(cg, timeout=60)
     assert inc["result"] == "removed" and inc["survivors"] == 0, inc
