@@ -207,16 +207,33 @@ class Agent:
     def _recover(self) -> None:
         """An incident left open by a crash is closed, and its cgroup looked at again at once."""
         for rec in self.log.open_incidents():
+            note = "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
+            if rec.get("action") == Action.kill_lineage.value and isinstance(rec.get("cgroup"), str):
+                if self._thaw_interrupted(rec["cgroup"]):
+                    note += " (thawed first: the interrupted surgical kill had left it frozen)"
             try:
-                self.log.close_interrupted(
-                    rec, "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
-                )
+                self.log.close_interrupted(rec, note)
             except (IncidentLogError, OSError) as e:
                 log.error("incident log: closing %s: %s", rec.get("id"), e)
                 continue
             if isinstance(rec.get("cgroup"), str):
                 self._reeval.add(rec["cgroup"])
             log.warning("incident %s in %s was interrupted by an agent restart", rec.get("id"), rec.get("cgroup"))
+
+    def _thaw_interrupted(self, rel: str) -> bool:
+        """A surgical kill freezes the shared cgroup while it sorts the bomb from its neighbours;
+        an agent killed in between leaves it frozen. A frozen bomb neither grows nor refuses
+        forks, so no rule would ever see it, and the neighbours stay frozen with it. Thawed, the
+        bomb is seen at once (its cgroup is re-evaluated) and removed whole: its lineage is lost."""
+        try:
+            if not self.fs.exists(rel) or not self.fs.frozen(rel):
+                return False
+            self.fs.freeze(rel, False)
+        except CgroupError as e:
+            log.error("thawing %s after an interrupted surgical kill: %s", rel, e)
+            return False
+        log.warning("thawed %s: an interrupted surgical kill had left it frozen", rel)
+        return True
 
     def _watched_paths(self) -> list[str]:
         return [n.rel for n in self.watcher.watched()]
