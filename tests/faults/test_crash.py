@@ -8,7 +8,7 @@ whatever the dead agent meant to remove may still be running there.
 
 import os
 
-from faultkit import agents, assert_removed_whole, classic, wait_until  # noqa: F401 (fixture)
+from faultkit import agents, assert_removed_whole, classic, final_incident, wait_until  # noqa: F401 (fixture)
 
 from cgguard.sinks.incidents import Incident, IncidentLog
 
@@ -55,3 +55,76 @@ def test_sigkill_mid_incident_is_closed_interrupted_and_its_runaway_removed(tmp_
     # The restart is visible to operators: the status counts what the log holds.
     st = second.status()
     assert st["incidents"]["recorded"] >= 2 and os.path.samefile(st["incidents"]["log"], os.path.join(first.state_dir, "incidents.jsonl"))
+
+
+def test_sigkill_mid_surgical_kill_does_not_leave_the_cgroup_frozen(tmp_path, sandbox, agents):
+    """The agent dies inside a surgical kill (kill-lineage): it had frozen the shared cgroup to
+    sort the bomb from its neighbours and never thawed it. A frozen bomb neither grows nor
+    refuses forks, so no rule can see it; the innocent beside it stays frozen with it.
+
+    The restarted agent must not leave that freeze in place: the cgroup is thawed and looked at
+    again, and the bomb removed. (A freeze that was the action itself -- ``freeze``, or a kill
+    budget spent -- is for an operator and stays.)
+    Old agent: left the open record and the frozen cgroup as they were, forever.
+    """
+    cg = sandbox.cgroup("surgical")
+    workdir = str(tmp_path / "agent")
+    first = agents([f"{sandbox.name}/*"], workdir=workdir)
+    first.sigkill()
+
+    pidfile = tmp_path / "innocent.pid"
+    script = f'sleep 600 & echo $! > {pidfile}; exec "$0" -c "$1"'
+    w = sandbox.spawn(["bash", "-c", script, "bash", classic(8)[2]], cg, deadline_s=30, cap=300)
+    innocent = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the innocent's pid"))
+    wait_until(lambda: len(sandbox.live_pids(w)) > 50, 15, "the bomb to be running")
+    # Where the dead agent's kill-lineage stopped: the cgroup frozen, the record still open.
+    sandbox.fs.freeze(cg, True)
+    wait_until(lambda: sandbox.fs.frozen(cg), 10, "the cgroup to be frozen")
+    log = IncidentLog(first.state_dir)
+    log.open()
+    try:
+        left_open = Incident(
+            cgroup=cg, action="kill-lineage", reasons=[{"rule": "lineage-abandoning-replication", "detail": "12 abandoners"}],
+            tasks_at_detection=40, detector="lineage", evidence="lineage", tenant=f"cgroup:{cg}",
+        )
+        log.append(left_open)
+    finally:
+        log.close()
+
+    second = agents([f"{sandbox.name}/*"], workdir=workdir)
+    closed = next(i for i in second.incidents() if i["id"] == left_open.id)
+    assert closed["result"] == "interrupted", closed
+    assert any("thawed" in n for n in closed["notes"]), closed["notes"]
+    inc = final_incident(second, cg, timeout=60, skip=(left_open.id,))
+    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+
+    def bomb_left():
+        return [p for p in sandbox.live_pids(w) if p != innocent]
+
+    wait_until(lambda: not bomb_left(), 30, "no bomb process left", seen=lambda: len(bomb_left()))
+    assert not sandbox.fs.frozen(cg)
+
+
+def test_a_freeze_that_was_the_action_stays_after_a_restart(tmp_path, sandbox, agents):
+    """The counterpart: an open ``freeze`` (the configured action, or a spent kill budget) is for
+    an operator to inspect; the restarted agent closes the record and leaves the freeze alone
+    (recovery runs before the agent reports ready, so "ready" is when a thaw would have been)."""
+    cg = sandbox.cgroup("held")
+    workdir = str(tmp_path / "agent")
+    first = agents([f"{sandbox.name}/*"], workdir=workdir)
+    first.sigkill()
+    w = sandbox.spawn(classic(8), cg, deadline_s=30, cap=300)
+    wait_until(lambda: len(sandbox.live_pids(w)) > 50, 15, "the bomb to be running")
+    sandbox.fs.freeze(cg, True)
+    wait_until(lambda: sandbox.fs.frozen(cg), 10, "the cgroup to be frozen")
+    log = IncidentLog(first.state_dir)
+    log.open()
+    try:
+        left_open = Incident(cgroup=cg, action="freeze", reasons=[], tasks_at_detection=300, detector="pinned", evidence="budget")
+        log.append(left_open)
+    finally:
+        log.close()
+    second = agents([f"{sandbox.name}/*"], workdir=workdir)
+    closed = next(i for i in second.incidents() if i["id"] == left_open.id)
+    assert closed["result"] == "interrupted" and not any("thawed" in n for n in closed["notes"]), closed
+    assert sandbox.fs.frozen(cg) and sandbox.live_pids(w)
