@@ -208,9 +208,9 @@ class Agent:
         """An incident left open by a crash is closed, and its cgroup looked at again at once."""
         for rec in self.log.open_incidents():
             note = "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
-            if rec.get("action") == Action.kill_lineage.value and isinstance(rec.get("cgroup"), str):
-                if self._thaw_interrupted(rec["cgroup"]):
-                    note += " (thawed first: the interrupted surgical kill had left it frozen)"
+            cg = rec.get("cgroup")
+            if rec.get("action") == Action.kill_lineage.value and isinstance(cg, str) and self._thaw_interrupted(cg):
+                note += " (thawed first: the interrupted surgical kill had left it frozen)"
             try:
                 self.log.close_interrupted(rec, note)
             except (IncidentLogError, OSError) as e:
