@@ -11,7 +11,8 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -53,6 +54,8 @@ class Agent(AgentProc):
         if not prefix:
             super().__init__(tmp, watch, *extra, env=env)
             return
+        # The bench's AgentProcess builds its argv and starts it in one step; the prefix goes in
+        # front of that argv for this one construction (nothing else starts processes meanwhile).
         real = subprocess.Popen
 
         def popen(args, **kw):
@@ -97,8 +100,8 @@ def _brief(st: dict[str, Any]) -> dict[str, Any]:
     return {k: st.get(k) for k in ("ready", "watched", "inotify_overflows", "connector", "notes")}
 
 
-@pytest.fixture
-def agents(tmp_path):
+@pytest.fixture(name="agents")
+def agents_fixture(tmp_path):
     """Start agents with ``agents(watch, *flags, prefix=, workdir=)`` (the same ``workdir`` again:
     the same state dir and control socket, as a restart); all are ended after the test (SIGCONT first, so a stopped one can take its SIGTERM)."""
     started: list[Agent] = []
@@ -137,10 +140,3 @@ def assert_removed_whole(agent: Agent, sandbox, cgroup: str, workload, timeout: 
                seen=lambda: len(sandbox.live_pids(workload)))
     return inc
 
-
-def settle_incidents(agent: Agent, timeout: float = 30) -> list[dict[str, Any]]:
-    """Every incident with its outcome (none left at "detected")."""
-    return wait_until(
-        lambda: (lambda incs: incs if all(i["result"] != "detected" for i in incs) else None)(agent.incidents()),
-        timeout, "every incident to have its outcome", seen=agent.incidents,
-    ) if agent.incidents() else []

@@ -8,7 +8,13 @@ whatever the dead agent meant to remove may still be running there.
 
 import os
 
-from faultkit import agents, assert_removed_whole, classic, final_incident, wait_until  # noqa: F401 (fixture)
+from faultkit import (  # noqa: F401 (fixture)
+    agents_fixture,
+    assert_removed_whole,
+    classic,
+    final_incident,
+    wait_until,
+)
 
 from cgguard.sinks.incidents import Incident, IncidentLog
 

@@ -9,7 +9,7 @@ moment): 6,000 fork+exec+exit triples, 18,000 events, cannot fit and the kernel 
 The bomb starts while the agent is still stopped, so its first generations are lost too.
 """
 
-from faultkit import agents, assert_removed_whole, classic, wait_until  # noqa: F401 (fixture)
+from faultkit import agents_fixture, assert_removed_whole, classic, wait_until  # noqa: F401 (fixture)
 
 BURST = "for i in $(seq 6000); do /bin/true; done"
 

@@ -14,7 +14,7 @@ import shutil
 import urllib.request
 
 import pytest
-from faultkit import agents, classic, wait_until  # noqa: F401 (fixture)
+from faultkit import agents_fixture, classic, wait_until  # noqa: F401 (fixture)
 
 NOFILE = 64
 CGROUPS = 300

@@ -12,7 +12,7 @@ is also "more cgroups than descriptors".
 import os
 import urllib.request
 
-from faultkit import agents, classic, wait_until  # noqa: F401 (fixture)
+from faultkit import agents_fixture, classic, wait_until  # noqa: F401 (fixture)
 
 CGROUPS = 3000
 NOFILE = 1024

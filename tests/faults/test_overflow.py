@@ -16,7 +16,7 @@ cost the agent one queued event each, not a watched cgroup each.
 
 import os
 
-from faultkit import agents, final_incident, wait_until  # noqa: F401 (fixture)
+from faultkit import agents_fixture, final_incident, wait_until  # noqa: F401 (fixture)
 
 from cgguard.testkit.corpus import WORKLOADS
 

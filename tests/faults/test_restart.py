@@ -14,7 +14,13 @@ import os
 import time
 
 import pytest
-from faultkit import agents, assert_removed_whole, classic, fork_loop, wait_until  # noqa: F401 (fixture)
+from faultkit import (  # noqa: F401 (fixture)
+    agents_fixture,
+    assert_removed_whole,
+    classic,
+    fork_loop,
+    wait_until,
+)
 
 LATE_S = 0.5
 RUNNING = 50

@@ -6,7 +6,7 @@ any budget must not be left running: it is frozen (it cannot fork, so it cannot 
 reported with a note saying which budget was spent.
 """
 
-from faultkit import agents, assert_removed_whole, classic, final_incident, wait_until  # noqa: F401 (fixture)
+from faultkit import agents_fixture, classic, final_incident, wait_until  # noqa: F401 (fixture)
 
 
 def _config(tmp_path, **kb) -> str:
