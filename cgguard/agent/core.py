@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import selectors
 import time
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ LOOP_TICK_NS = 200 * MS
 ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
+# Descriptors the rest of the agent may hold at once (sockets and their connections, pipes, the
+# incident log, /proc reads, a kill's inotify, hooks): kept-open cgroupfs files never take these.
+FD_RESERVE = 64
 
 
 class IncidentSink(Protocol):
@@ -148,6 +152,7 @@ class Agent:
         adopt_cgroupns_root(self.fs)
         self.own_cgroup = own_cgroup() or ""
         self.notes += protect_process()
+        self._fit_files_to_fd_limit()
         self.log.open()
         self._recover()
         self.incidents_recorded = self.log.count()
@@ -185,19 +190,53 @@ class Agent:
             len(self.watcher.watched()), self.fs.root, self.tracking_note, ", dry run" if self.cfg.dry_run else "",
         )
 
+    def _fit_files_to_fd_limit(self) -> None:
+        """Kept-open files get at most half of what RLIMIT_NOFILE leaves beyond FD_RESERVE. A cache
+        that filled the fd table (the file cache only shrinks when its own open fails) would make
+        every other open fail with EMFILE: the status, a budget's pids.max, the incident log."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        fit = max(0, (soft - FD_RESERVE) // 2)
+        if fit < self.files.max_open:
+            msg = (
+                f"RLIMIT_NOFILE is {soft}: keeping at most {fit} cgroupfs files open "
+                f"(sampling.max_open_files {self.files.max_open}); the rest are opened per read"
+            )
+            log.warning(msg)
+            self.notes.append(msg)
+            self.files.max_open = fit
+
     def _recover(self) -> None:
         """An incident left open by a crash is closed, and its cgroup looked at again at once."""
         for rec in self.log.open_incidents():
+            note = "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
+            cg = rec.get("cgroup")
+            if rec.get("action") == Action.kill_lineage.value and isinstance(cg, str) and self._thaw_interrupted(cg):
+                note += " (thawed first: the interrupted surgical kill had left it frozen)"
             try:
-                self.log.close_interrupted(
-                    rec, "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
-                )
+                self.log.close_interrupted(rec, note)
             except (IncidentLogError, OSError) as e:
                 log.error("incident log: closing %s: %s", rec.get("id"), e)
                 continue
             if isinstance(rec.get("cgroup"), str):
                 self._reeval.add(rec["cgroup"])
             log.warning("incident %s in %s was interrupted by an agent restart", rec.get("id"), rec.get("cgroup"))
+
+    def _thaw_interrupted(self, rel: str) -> bool:
+        """A surgical kill freezes the shared cgroup while it sorts the bomb from its neighbours;
+        an agent killed in between leaves it frozen. A frozen bomb neither grows nor refuses
+        forks, so no rule would ever see it, and the neighbours stay frozen with it. Thawed, the
+        bomb is seen at once (its cgroup is re-evaluated) and removed whole: its lineage is lost."""
+        try:
+            if not self.fs.exists(rel) or not self.fs.frozen(rel):
+                return False
+            self.fs.freeze(rel, False)
+        except CgroupError as e:
+            log.error("thawing %s after an interrupted surgical kill: %s", rel, e)
+            return False
+        log.warning("thawed %s: an interrupted surgical kill had left it frozen", rel)
+        return True
 
     def _watched_paths(self) -> list[str]:
         return [n.rel for n in self.watcher.watched()]
@@ -493,7 +532,7 @@ class Agent:
         configured = self.cfg.action_for(target.rel)
         tr = self.tracking
         wants_lineage = configured in (Action.auto, Action.kill_lineage) and not verdict.members
-        worst = tr.worst_lineage(target.rel) if wants_lineage and tr else None
+        worst = tr.whole(tr.worst_lineage(target.rel)) if wants_lineage and tr else None
         allowed, relaxed = self._allow(target.rel, verdict if verdict.origin else (worst or verdict))
         family = verdict if verdict.members else worst
         kb = self.cfg.kill_budget
@@ -538,6 +577,8 @@ class Agent:
 
     def _on_verdict(self, node: Node, verdict: Verdict) -> None:
         now = self.clock()
+        if self.tracking is not None:
+            verdict = self.tracking.whole(verdict)  # type: ignore[assignment]
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return

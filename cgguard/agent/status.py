@@ -74,8 +74,8 @@ def build_status(agent: "Agent", *, workloads: bool = True, proc: psutil.Process
         with p.oneshot():
             t = p.cpu_times()
             cpu, rss = t.user + t.system, p.memory_info().rss
-    except psutil.Error:
-        pass
+    except (psutil.Error, OSError):
+        pass  # out of descriptors (EMFILE) included: the status goes out without these two
     tr = agent.tracking
     return Status(
         ready=agent.ready,

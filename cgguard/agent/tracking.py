@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from cgguard.config import Config
@@ -52,6 +53,9 @@ class Tracking:
         self.params = p
         self.mode = self.conn.filter_mode
         self.rescans = 0
+        # Forks from here on are seen (or their loss is known); processes older than this are
+        # known only from /proc.
+        self.since_ns = time.monotonic_ns()
 
     @property
     def reset_interval_ns(self) -> int:
@@ -87,6 +91,18 @@ class Tracking:
 
     def evaluate(self, cgroup: str, now_ns: int) -> Verdict | None:
         return lineage_detect.detect_lineage(self.tree, cgroup, now_ns, self.params)
+
+    def whole(self, v: Verdict | None) -> Verdict | None:
+        """``v``, marked incomplete if its origin ran before tracking began. Known only from the
+        start-up /proc scan, its parent and siblings were never seen: after a late start the
+        family found abandoning may be one fragment of a bomb whose other fragments (orphans,
+        each a root of its own) look like unrelated older processes to a surgical kill."""
+        origin = v.origin_ref if v is not None else None
+        if v is None or origin is None or not v.complete or not origin.flags & lineage.FROM_PROC:
+            return v
+        if origin.start_ns + lineage.IDENTITY_TOLERANCE_NS >= self.since_ns:
+            return v
+        return replace(v, complete=False)
 
     def births(self, cgroup: str) -> int:
         return self.tree.births_in(cgroup)
