@@ -190,6 +190,11 @@ class PinnedParams(_Model):
     ratio: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Share of the limit that counts as at the limit.")
     hold_ms: int = Field(300, ge=50, le=HISTORY_MS - 1000, description="How long it must stay there with forks being refused.")
     min_refused: int = Field(5, ge=1, le=MAX_COUNT, description="Forks refused at the limit within the hold.")
+    long_hold_ms: int = Field(
+        8000, ge=100, le=HISTORY_MS - 1000,
+        description="Slow view: held at the limit this long with forks still refused (bash backs off 1, 2, 4, 8 s between retries).",
+    )
+    long_min_refused: int = Field(2, ge=1, le=MAX_COUNT, description="Forks refused at the limit within the long hold.")
 
 
 class FillHoldParams(_Model):

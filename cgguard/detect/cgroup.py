@@ -44,7 +44,9 @@ def _verdict(cgroup: str, rule: str, evidence: str, reason: Reason, last: Sample
 
 
 def pinned(cgroup: str, hist: History, now_ns: int, p: PinnedParams) -> Verdict | None:
-    """At the kernel limit for ``hold_ms`` with at least ``min_refused`` forks refused meanwhile.
+    """At the kernel limit for ``hold_ms`` with at least ``min_refused`` forks refused meanwhile,
+    or -- a forker that backs off between refusals but never lets go of the limit (bash retries
+    after 1, 2, 4, 8 s) -- for ``long_hold_ms`` with ``long_min_refused``.
 
     Touching the limit once is not enough (a build may, then back off): something must keep
     retrying forks against it. Needs a limit with a refusal counter (v2, or v1 on hybrid hosts).
@@ -54,14 +56,17 @@ def pinned(cgroup: str, hist: History, now_ns: int, p: PinnedParams) -> Verdict 
         return None
     if last.level < p.ratio * last.limit:
         return None
-    held_since = hist.at(now_ns - p.hold_ms * MS)
-    if held_since is None or held_since.refused is None:
-        return None
-    span = [s for s in hist.samples if s.t_ns >= held_since.t_ns]
-    if any(s.level < p.ratio * s.limit for s in span):
-        return None
-    refused = last.refused - held_since.refused
-    if refused < p.min_refused:
+    for hold_ms, need in ((p.hold_ms, p.min_refused), (p.long_hold_ms, p.long_min_refused)):
+        held_since = hist.at(now_ns - hold_ms * MS)
+        if held_since is None or held_since.refused is None:
+            continue
+        span = [s for s in hist.samples if s.t_ns >= held_since.t_ns]
+        if any(s.level < p.ratio * s.limit for s in span):
+            continue
+        refused = last.refused - held_since.refused
+        if refused >= need:
+            break
+    else:
         return None
     first = held_since
     for s in reversed(hist.samples):  # when it first got there, for the detection latency
@@ -75,9 +80,9 @@ def pinned(cgroup: str, hist: History, now_ns: int, p: PinnedParams) -> Verdict 
         Reason(
             "pinned-at-limit",
             f"{last.level} of {last.limit} tasks ({last.source}) for {(now_ns - first.t_ns) / MS:.0f} ms, "
-            f"{refused} forks refused in the last {p.hold_ms} ms",
+            f"{refused} forks refused in the last {hold_ms} ms",
             {"level": last.level, "limit": last.limit, "source": last.source, "refused": refused,
-             "hold_ms": p.hold_ms, "tasks": last.tasks},
+             "hold_ms": hold_ms, "tasks": last.tasks},
         ),
         last,
         first.t_ns,

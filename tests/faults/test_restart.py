@@ -50,12 +50,6 @@ def test_late_start_classic_bomb_is_removed_whole_in_one_action(sandbox, agents)
     assert agent.others(cg) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="detect/cgroup.py pinned needs >= 5 refused forks within hold_ms (300 ms); bash retries a "
-    "refused fork after 1, 2, 4, 8 s, so a bash fork loop already at its cap when the agent starts "
-    "refuses ~1 fork/s and is never removed (see /work/notes/faults.md, 'pinned, slowly')",
-)
 def test_late_start_fork_loop_is_removed_whole(sandbox, agents):
     """A one-parent fork loop (``while :; do sleep 30 & done``) started before the agent.
 

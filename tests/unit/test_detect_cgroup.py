@@ -648,3 +648,19 @@ def test_fill_hold_for_a_sibling_with_churn_is_dropped_by_attribution():
     sib = series([30] * len(bomb), level=level, limit=limit, births=births_under_pressure(level, limit, 200))
     assert run(d.fill_hold, sib) != []
     assert not d.holds_most(30, [limit - 30])
+
+
+def test_pinned_slowly_a_forker_that_backs_off_but_never_lets_go():
+    """bash retries a refused fork after 1, 2, 4, 8 s: at its limit, ~1 refusal a second, never
+    5 within 300 ms. Held for long_hold_ms with refusals still coming, it is pinned all the same."""
+    limit = 256
+    n = 500  # 10 s of samples
+    refused = cumulative([1 if i % 50 == 0 else 0 for i in range(n)])  # one refusal a second
+    s = series([limit] * n, limit=limit, refused=refused, source="v1:ctr")
+    fired = run(d.pinned, s)
+    assert fired, "never flagged"
+    i = fired[0][0]
+    assert 8000 <= ms(i) <= 9500
+    # and a workload at its limit whose forks stopped being refused is left alone
+    quiet = series([limit] * n, limit=limit, refused=cumulative([1 if i == 3 else 0 for i in range(n)]), source="v1:ctr")
+    assert run(d.pinned, quiet) == []
