@@ -14,6 +14,7 @@ in several steps, go to the worker.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -121,6 +122,8 @@ class Agent:
         self.incidents_since_start = 0
         self.incidents_recorded = 0
         self.not_removed: dict[str, int] = {}
+        self.loop_errors = 0
+        self._errors_logged: dict[str, float] = {}
         self.notes: list[str] = []
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -267,17 +270,38 @@ class Agent:
             sel.register(self.tracking.fileno(), selectors.EVENT_READ, self._on_procconn)
         try:
             while not self._stop:
-                now = self.clock()
-                due = self.watcher.next_due_ns()
-                timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
-                timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
-                for key, _ in sel.select(timeout_ns / 1e9):
-                    key.data()
-                self._tick(self.clock())
+                try:
+                    self._turn(sel)
+                except Exception as e:  # the guard must outlive its own bugs and exhaustion
+                    self._survive(e)
         finally:
             self.ready = False
             self._publish_status()
             sel.close()
+
+    def _turn(self, sel: selectors.BaseSelector) -> None:
+        now = self.clock()
+        due = self.watcher.next_due_ns()
+        timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
+        timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
+        for key, _ in sel.select(timeout_ns / 1e9):
+            key.data()
+        self._tick(self.clock())
+
+    def _survive(self, e: Exception) -> None:
+        """An error escaped a handler. Out of descriptors: keep fewer files open and go on. Anything
+        else: say so (at most once a minute per kind) and go on; a dead guard protects nobody."""
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+            self.files.max_open = len(self.files) // 2
+            self.files.shrinks += 1
+            self.files.trim()
+        now = time.monotonic()
+        kind = type(e).__name__
+        if now - self._errors_logged.get(kind, -61.0) > 60:
+            self._errors_logged[kind] = now
+            log.exception("the loop survived an error (%s); continuing", kind)
+        self.loop_errors += 1
+        time.sleep(0.001)  # never spin at 100% on a persistent error
 
     def _tick(self, now: int) -> None:
         for node in self.watcher.due(now):

@@ -113,6 +113,8 @@ def degraded_notes(agent: "Agent") -> list[str]:
             f"{agent.watcher.missing_watches} inotify watches refused (fs.inotify.max_user_watches): "
             "new cgroups are found by rescans every few seconds instead of at once"
         )
+    if agent.loop_errors:
+        out.append(f"the loop survived {agent.loop_errors} errors (see the log)")
     if agent.files.shrinks:
         out.append(f"out of file descriptors {agent.files.shrinks} times: keeping {agent.files.max_open} files open")
     return out

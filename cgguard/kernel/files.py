@@ -68,6 +68,12 @@ class FileCache:
                     _, old = self._open.popitem(last=False)
                     os.close(old)
 
+    def trim(self) -> None:
+        """Close the least recently used files until at most ``max_open`` stay open."""
+        while len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            os.close(old)
+
     def forget(self, path: str) -> None:
         fd = self._open.pop(path, None)
         if fd is not None:
