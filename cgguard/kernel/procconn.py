@@ -216,21 +216,33 @@ class ProcConnector:
         use_recvmmsg: bool = True,
     ):
         self.stats = ConnectorStats()
-        self._buf = bytearray(_BUF_SIZE)
-        self._early: list[bytes] = []  # events read while waiting for the subscription ACK
-        self._seq: dict[int, int] = {}
-        self._sock = self._open(use_pyroute2)
+        sock = self._open(use_pyroute2)
         try:
-            self._setup_batch(use_recvmmsg)
+            self._init_reader(sock, use_recvmmsg)
             self.set_rcvbuf(rcvbuf)
             self._sock.setblocking(False)
             self.stats.filter_mode = self._subscribe(filter_events, events, ack_timeout_s)
         except BaseException:
-            self._sock.close()
+            sock.close()
             raise
 
+    @classmethod
+    def over_socket(cls, sock: socket.socket, filter_mode: str = FILTER_EVENTS, use_recvmmsg: bool = True) -> "ProcConnector":
+        """A reader of datagrams in the proc connector's layout from ``sock``, which the caller
+        opened (and subscribed, if it is a connector socket): e.g. a socketpair in tests.
+        ``filter_mode`` FILTER_LEGACY turns on the sequence-gap accounting."""
+        self = cls.__new__(cls)
+        self.stats = ConnectorStats(filter_mode=filter_mode, socket_source="given")
+        sock.setblocking(False)
+        self._init_reader(sock, use_recvmmsg)
+        return self
+
     # -- setup -----------------------------------------------------------------------------
-    def _setup_batch(self, use_recvmmsg: bool) -> None:
+    def _init_reader(self, sock: socket.socket, use_recvmmsg: bool) -> None:
+        self._sock = sock
+        self._buf = bytearray(_BUF_SIZE)
+        self._early: list[bytes] = []  # events read while waiting for the subscription ACK
+        self._seq: dict[int, int] = {}
         self._slots = bytearray(_SLOT * BATCH_SLOTS)
         self._view = memoryview(self._slots)
         self._pending_enobufs = False
@@ -471,11 +483,12 @@ class ProcConnector:
     def close(self) -> None:
         if self._sock.fileno() < 0:
             return
-        try:
-            # Lowers the kernel's listener count so it stops building events if nobody else listens.
-            self._sock.send(_control_message(struct.pack("=I", PROC_CN_MCAST_IGNORE), 0, self._sock.getsockname()[0]))
-        except OSError:
-            pass
+        if self._sock.family == socket.AF_NETLINK:
+            try:
+                # Lowers the kernel's listener count so it stops building events if nobody else listens.
+                self._sock.send(_control_message(struct.pack("=I", PROC_CN_MCAST_IGNORE), 0, self._sock.getsockname()[0]))
+            except OSError:
+                pass
         self._sock.close()
         # The recvmmsg path holds the bare descriptor number, which the process may reuse.
         self._fill = _closed_fill
