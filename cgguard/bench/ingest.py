@@ -228,7 +228,7 @@ class _PerDatagramReader:
                     continue
                 if n < MSG_SIZE:
                     continue
-                seq, what, cpu, ts, a, b, c, d, e, f = unpack(buf, _EVENT_OFFSET)
+                seq, what, cpu, ts, a, b, c, d, _e, _f = unpack(buf, _EVENT_OFFSET)
                 handled += 1
                 if track_seq and what:
                     last = seqs.get(cpu)
@@ -481,8 +481,9 @@ def compare_readers(
 
 def format_comparison(res: dict) -> str:
     """A Markdown table of :func:`compare_readers`' medians."""
-    rows = ["| variant | drain µs/ev | drain ev/s | peak µs/ev (read) | peak ev/s | peak lost | "
-            "trickle µs/ev (read) | trickle µs/ev (loop) | trickle ev/wake |", "|" + "---|" * 9]
+    head = ("| variant | drain µs/ev | drain ev/s | peak µs/ev (read) | peak ev/s | peak lost | "
+            "trickle µs/ev (read) | trickle µs/ev (loop) | trickle ev/wake |")
+    rows = [head, "|" + "---|" * 9]
     for v in READER_VARIANTS:
         if v not in res:
             continue

@@ -245,7 +245,7 @@ class ProcConnector:
         self._seq: dict[int, int] = {}
         self._slots = bytearray(_SLOT * BATCH_SLOTS)
         self._view = memoryview(self._slots)
-        self._pending_enobufs = False
+        self._pending: OSError | None = None  # an error that came after a batch's datagrams
         # recv_into sees the EAGAIN itself, so its short batch always means an empty queue.
         self._confirm_short = False
         batched = _recvmmsg_fill(self._sock.fileno(), self._slots, BATCH_SLOTS) if use_recvmmsg else None
@@ -396,7 +396,7 @@ class ProcConnector:
                         early, fill = False, self._fill
                 elif n == want:
                     backlog = self._confirm_short
-                elif not backlog and not self._pending_enobufs:
+                elif not backlog and self._pending is None:
                     # A short batch means the queue was empty -- or that recvmmsg stopped at an
                     # error (ENOBUFS) that the next call reports. Only while draining a backlog,
                     # where an overflow during the call is plausible, is a short batch confirmed
@@ -426,9 +426,11 @@ class ProcConnector:
 
     def _fill_recv_into(self, vlen: int) -> int:
         """Fallback without recvmmsg: one recv per datagram, still decoded as one batch."""
-        if self._pending_enobufs:
-            self._pending_enobufs = False
-            return -1
+        if self._pending is not None:
+            e, self._pending = self._pending, None
+            if e.errno == errno.ENOBUFS:
+                return -1
+            raise e
         recv_into, slots, lens = self._sock.recv_into, self._slot_views, self._lens
         i = 0
         while i < vlen:
@@ -437,13 +439,13 @@ class ProcConnector:
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-                if i == 0:
+                if i:
+                    # The datagrams before the error go out first; recvmmsg does the same.
+                    self._pending = e
+                    break
+                if e.errno == errno.ENOBUFS:
                     return -1
-                # Report it after the datagrams received before it, as recvmmsg does.
-                self._pending_enobufs = True
-                break
+                raise
             i += 1
         return i
 

@@ -233,12 +233,12 @@ def test_early_datagrams_are_delivered_once_and_in_order(path):
     class RacingSubscription(ProcConnector):
         """Events queued before the subscription is sent arrive before its ACK."""
 
-        pending = [synthetic_fork(0), b"\x00" * 30, synthetic_fork(1), synthetic_fork(2)]
+        injected = False
 
         def _send_control(self, payload):
-            if self.pending:
-                unicast(self, self.pending)
-                self.pending = []
+            if not self.injected:
+                self.injected = True
+                unicast(self, [synthetic_fork(0), b"\x00" * 30, synthetic_fork(1), synthetic_fork(2)])
             return super()._send_control(payload)
 
     try:

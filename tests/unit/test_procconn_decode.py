@@ -11,6 +11,9 @@ import pytest
 from cgguard.kernel.procconn import (
     _EVENT,
     _EVENT_OFFSET,
+    _SLOT,
+    _SLOT_EVENT,
+    _SLOT_SEQ,
     BATCH_SLOTS,
     FILTER_LEGACY,
     MSG_SIZE,
@@ -202,7 +205,7 @@ def test_sink_exception_propagates_and_the_counters_stay_right(pair):
 
 
 def test_closed_reader_fails_instead_of_reading_a_reused_descriptor(pair):
-    make, tx = pair
+    make, _tx = pair
     conn = make()
     conn.close()
     with pytest.raises(OSError):
@@ -224,10 +227,61 @@ def test_replay_deliver_matches_the_reader(pair):
 def test_slot_layout_matches_the_kernel_struct():
     # The slot decoder and the fixed-offset decoder agree on every field a sink gets.
     d = encode_event(PROC_EVENT_EXIT, 123456789012, (11, 12, 13, 14, 15, 16), seq=77, cpu=3)
-    seq, what, cpu, ts, a, b, c, dd, e, f = _EVENT.unpack_from(d, _EVENT_OFFSET)
-    from cgguard.kernel.procconn import _SLOT, _SLOT_EVENT, _SLOT_SEQ
+    seq, what, cpu, ts, a, b, c, dd, _e, _f = _EVENT.unpack_from(d, _EVENT_OFFSET)
 
     slot = d + bytes(_SLOT - len(d))
     assert _SLOT_EVENT.unpack(slot) == (what, ts, a, b, c, dd) == (PROC_EVENT_EXIT, 123456789012, 11, 12, 13, 14)
     assert _SLOT_SEQ.unpack(slot) == (seq, what, cpu) == (77, PROC_EVENT_EXIT, 3)
     assert struct.calcsize("=IHHII") + struct.calcsize("=IIIIHH") + 40 == MSG_SIZE
+
+
+class ScriptedSocket:
+    """A socket whose recv_into plays a script of datagrams and errors: the kernel's ENOBUFS
+    cannot be caused on demand, so the per-datagram path's handling of it is tested here."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, script: list):
+        self.script = list(script)
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+    def recv_into(self, buf) -> int:
+        if not self.script:
+            raise BlockingIOError(11, "empty")
+        item = self.script.pop(0)
+        if isinstance(item, int):
+            raise OSError(item, "scripted")
+        buf[: len(item)] = item
+        return len(item)
+
+    def close(self) -> None:
+        pass
+
+
+def test_enobufs_in_the_middle_of_a_batch_is_reported_in_place():
+    import errno
+
+    order: list = []
+
+    class Sink(ListSink):
+        def on_fork(self, ts_ns, *a):
+            order.append(ts_ns)
+
+        def on_loss(self, reason):
+            order.append(reason)
+
+    sock = ScriptedSocket([fork(0), fork(1), errno.ENOBUFS, fork(2), errno.ENOBUFS, errno.ENOBUFS, fork(3)])
+    conn = ProcConnector.over_socket(sock, use_recvmmsg=False)
+    assert conn.read(Sink()) == 7  # four events and three loss reports
+    assert order == [1_000, 1_001, "enobufs", 1_002, "enobufs", "enobufs", 1_003]
+    assert conn.stats.lost_enobufs == 3 and conn.stats.forks == 4
+    # Any other error ends the read, after the datagrams that came before it.
+    sock.script = [fork(4), errno.EBADF]
+    with pytest.raises(OSError):
+        conn.read(Sink())
+    assert order[-1] == 1_004
