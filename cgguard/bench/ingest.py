@@ -340,7 +340,8 @@ def _agent_loop(conn: ProcConnector, reader, sink, proc, coalesce_ns: int = 2_00
 def _fork_output(w) -> tuple[int, float]:
     out = w.proc.stdout.read().decode().split()
     if len(out) != 2:
-        raise RuntimeError(f"fork loop failed: {out!r}")
+        err = w.proc.stderr.read().decode().strip() if w.proc.stderr else ""
+        raise RuntimeError(f"fork loop failed (exit {w.proc.wait()}): {out!r} {err}")
     return int(out[0]), int(out[1]) / 1e9
 
 
@@ -349,7 +350,7 @@ def _drain_trial(sb, exe: str, variant: str, n_forks: int) -> dict:
 
     conn, reader = _open_variant(variant, 64 << 20)
     with conn:
-        w = sb.spawn([exe, "vfork", str(n_forks)], sb.cgroup(f"drain-{variant}"), deadline_s=10.0, cap=16, stdout=subprocess.PIPE)
+        w = sb.spawn([exe, "vfork", str(n_forks)], sb.cgroup(f"drain-{variant}"), deadline_s=10.0, cap=16, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         w.proc.wait(timeout=10)
         _fork_output(w)
         sink = _NullSink()
@@ -373,7 +374,8 @@ def _live_trial(sb, exe: str, variant: str, n_forks: int, rate: int, rcvbuf: int
     conn, reader = _open_variant(variant, rcvbuf)
     with conn:
         args = [exe, "vfork", str(n_forks)] + ([str(rate)] if rate else [])
-        w = sb.spawn(args, sb.cgroup(f"live-{variant}"), deadline_s=10.0 + (n_forks / rate if rate else 0), cap=16, stdout=subprocess.PIPE)
+        w = sb.spawn(args, sb.cgroup(f"live-{variant}"), deadline_s=10.0 + (n_forks / rate if rate else 0), cap=16,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         r = _agent_loop(conn, reader, _NullSink(), w.proc)
         done, secs = _fork_output(w)
         r["forks_per_s"] = round(done / secs) if secs else 0
@@ -453,6 +455,7 @@ def compare_readers(
     from cgguard.testkit.sandbox import Sandbox
 
     trials: dict[str, dict[str, list[dict]]] = {v: {"drain": [], "peak": [], "trickle": []} for v in variants}
+    errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cgguard-forkloop-") as tmp:
         exe = compile_fork_loop(tmp)
         sb = Sandbox.create(prefix="cgguard-bench", cap=64)
@@ -460,18 +463,29 @@ def compare_readers(
             for rnd in range(rounds):
                 for v in variants:
                     t = trials[v]
-                    t["drain"].append(_drain_trial(sb, exe, v, drain_forks))
-                    t["peak"].append(_live_trial(sb, exe, v, peak_forks, 0, 32 << 20))
-                    t["trickle"].append(_live_trial(sb, exe, v, int(trickle_rate * trickle_s), trickle_rate, 32 << 20))
-                    log(f"round {rnd + 1} {v}: " + "; ".join(f"{k} {t[k][-1]}" for k in ("drain", "peak", "trickle")))
+                    for regime, run in (
+                        ("drain", lambda: _drain_trial(sb, exe, v, drain_forks)),
+                        ("peak", lambda: _live_trial(sb, exe, v, peak_forks, 0, 32 << 20)),
+                        ("trickle", lambda: _live_trial(sb, exe, v, int(trickle_rate * trickle_s), trickle_rate, 32 << 20)),
+                    ):
+                        try:
+                            t[regime].append(run())
+                        except (RuntimeError, OSError) as e:  # a starved or killed loop: skip it
+                            errors.append(f"round {rnd + 1} {v} {regime}: {e}")
+                            log(errors[-1])
+                            continue
+                        log(f"round {rnd + 1} {v} {regime}: {t[regime][-1]}")
         finally:
             left = sb.close()
     if left:
         raise RuntimeError(f"cgroups left behind: {left}")
-    out: dict = {"rounds": rounds, "drain_forks": drain_forks, "peak_forks": peak_forks, "trickle_rate": trickle_rate}
+    out: dict = {"rounds": rounds, "drain_forks": drain_forks, "peak_forks": peak_forks, "trickle_rate": trickle_rate,
+                 "errors": errors}
     for v, per in trials.items():
         out[v] = {}
         for regime, rs in per.items():
+            if not rs:
+                continue
             out[v][regime] = {
                 k: (statistics.median(r[k] for r in rs) if not isinstance(rs[0][k], bool) else all(r[k] for r in rs))
                 for k in rs[0]
@@ -486,6 +500,8 @@ def format_comparison(res: dict) -> str:
     rows = [head, "|" + "---|" * 9]
     for v in READER_VARIANTS:
         if v not in res:
+            continue
+        if len(res[v]) < 3:
             continue
         d, p, t = res[v]["drain"], res[v]["peak"], res[v]["trickle"]
         rows.append(

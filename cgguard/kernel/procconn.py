@@ -256,7 +256,8 @@ class ProcConnector:
         else:
             self._fill = self._fill_recv_into
             self._slot_views = [self._view[i * _SLOT : (i + 1) * _SLOT] for i in range(BATCH_SLOTS)]
-            self._lens = memoryview(bytearray(4 * BATCH_SLOTS)).cast("I")
+            # This fill skips short datagrams itself, so every filled slot is a whole event.
+            self._lens = memoryview(bytearray(_EXPECTED_LENS)).cast("I")
             self.stats.recv_path = RECV_PER_DATAGRAM
 
     def _open(self, use_pyroute2: bool) -> socket.socket:
@@ -408,21 +409,27 @@ class ProcConnector:
                 st.lost_enobufs += 1
                 sink.on_loss("enobufs")
                 handled += 1
+            elif early:
+                early, fill = False, self._fill
             else:
                 break
         return handled
 
     # Fill functions put up to ``vlen`` datagrams into the slots (their lengths into
-    # ``self._lens``) and return how many, 0 when the queue is empty, or -1 for one ENOBUFS.
+    # ``self._lens``, or MSG_SIZE for one known to be a whole event) and return how many, 0 when
+    # the queue is empty, or -1 for one ENOBUFS.
     def _fill_early(self, vlen: int) -> int:
-        early = self._early
-        take, self._early = early[:vlen], early[vlen:]
-        lens, buf = self._lens, self._slots
-        for i, data in enumerate(take):
-            data = data[:_SLOT]
-            buf[i * _SLOT : i * _SLOT + len(data)] = data
-            lens[i] = len(data)
-        return len(take)
+        early, lens, buf = self._early, self._lens, self._slots
+        i = j = 0
+        while i < vlen and j < len(early):
+            data = early[j][:_SLOT]
+            j += 1
+            if len(data) >= MSG_SIZE:
+                buf[i * _SLOT : i * _SLOT + len(data)] = data
+                lens[i] = MSG_SIZE  # a whole event, whatever its length
+                i += 1
+        del early[:j]
+        return i
 
     def _fill_recv_into(self, vlen: int) -> int:
         """Fallback without recvmmsg: one recv per datagram, still decoded as one batch."""
@@ -431,11 +438,11 @@ class ProcConnector:
             if e.errno == errno.ENOBUFS:
                 return -1
             raise e
-        recv_into, slots, lens = self._sock.recv_into, self._slot_views, self._lens
+        recv_into, slots = self._sock.recv_into, self._slot_views
         i = 0
         while i < vlen:
             try:
-                lens[i] = recv_into(slots[i])
+                n = recv_into(slots[i])
             except BlockingIOError:
                 break
             except OSError as e:
@@ -446,7 +453,8 @@ class ProcConnector:
                 if e.errno == errno.ENOBUFS:
                     return -1
                 raise
-            i += 1
+            if n >= MSG_SIZE:  # a shorter datagram is no event: its slot is taken again
+                i += 1
         return i
 
     def _compact(self, n: int) -> memoryview:

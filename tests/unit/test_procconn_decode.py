@@ -185,6 +185,10 @@ def test_early_datagrams_come_first_once_and_in_order(pair):
     assert conn.read(sink) == 0
     assert sink.events == [expected_fork(i) for i in range(BATCH_SLOTS + 11)]
     assert conn.stats.forks == BATCH_SLOTS + 11
+    # Nothing usable stashed: the socket is read all the same.
+    conn._early.append(b"\x00" * 10)
+    tx.send(fork(BATCH_SLOTS + 11))
+    assert conn.read(sink) == 1 and sink.events[-1] == expected_fork(BATCH_SLOTS + 11)
 
 
 def test_sink_exception_propagates_and_the_counters_stay_right(pair):
