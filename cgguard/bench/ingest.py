@@ -154,6 +154,7 @@ def measure_ingest(n_forks: int = 20000, rcvbuf: int = 32 << 20) -> dict:
                 with ProcConnector(rcvbuf=rcvbuf) as conn:
                     r = _run_loop(sb, exe, mode, n_forks, conn, _CountingSink(), "reader")
                     r["filter_mode"] = conn.filter_mode
+                    r["recv_path"] = conn.stats.recv_path
                     r["lost_seq_estimate"] = conn.stats.lost_seq_estimate
                     out[f"{mode}_with_reader"] = r
             with ProcConnector(rcvbuf=rcvbuf) as conn:
@@ -202,7 +203,12 @@ class _PerDatagramReader:
         return self.conn.fileno()
 
     def read(self, sink: EventSink, max_events: int = 8192) -> int:
-        from cgguard.kernel.procconn import _EVENT, _EVENT_OFFSET, FILTER_LEGACY, MSG_SIZE
+        from cgguard.kernel.procconn import (
+            _EVENT,
+            _EVENT_OFFSET,
+            FILTER_LEGACY,
+            MSG_SIZE,
+        )
 
         conn = self.conn
         handled = 0
@@ -464,9 +470,9 @@ def compare_readers(
                 for v in variants:
                     t = trials[v]
                     for regime, run in (
-                        ("drain", lambda: _drain_trial(sb, exe, v, drain_forks)),
-                        ("peak", lambda: _live_trial(sb, exe, v, peak_forks, 0, 32 << 20)),
-                        ("trickle", lambda: _live_trial(sb, exe, v, int(trickle_rate * trickle_s), trickle_rate, 32 << 20)),
+                        ("drain", lambda v=v: _drain_trial(sb, exe, v, drain_forks)),
+                        ("peak", lambda v=v: _live_trial(sb, exe, v, peak_forks, 0, 32 << 20)),
+                        ("trickle", lambda v=v: _live_trial(sb, exe, v, int(trickle_rate * trickle_s), trickle_rate, 32 << 20)),
                     ):
                         try:
                             t[regime].append(run())
@@ -512,10 +518,22 @@ def format_comparison(res: dict) -> str:
     return "\n".join(rows)
 
 
+def format_read_cost(res: dict) -> str:
+    """A Markdown table of :func:`measure_read_cost`: µs per read() call (and per event)."""
+    ks = list(next(iter(res.values())))
+    rows = ["| variant | " + " | ".join(f"{k} queued" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]
+    for v, per in res.items():
+        rows.append(f"| {v} | " + " | ".join(f"{per[k]['us_per_call']:.1f} ({per[k]['us_per_event']:.2f}/ev)" for k in ks) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
+    # python -m cgguard.bench.ingest [rounds]: the reader variants side by side (as root).
     import json
     import sys
 
+    cost = measure_read_cost()
     res = compare_readers(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 3)
-    print(json.dumps(res, indent=1))
+    print(json.dumps({"read_cost": cost, "regimes": res}, indent=1))
+    print(format_read_cost(cost))
     print(format_comparison(res))

@@ -45,8 +45,9 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -227,7 +228,7 @@ class ProcConnector:
             raise
 
     @classmethod
-    def over_socket(cls, sock: socket.socket, filter_mode: str = FILTER_EVENTS, use_recvmmsg: bool = True) -> "ProcConnector":
+    def over_socket(cls, sock: socket.socket, filter_mode: str = FILTER_EVENTS, use_recvmmsg: bool = True) -> ProcConnector:
         """A reader of datagrams in the proc connector's layout from ``sock``, which the caller
         opened (and subscribed, if it is a connector socket): e.g. a socketpair in tests.
         ``filter_mode`` FILTER_LEGACY turns on the sequence-gap accounting."""
@@ -378,9 +379,7 @@ class ProcConnector:
         fill = self._fill_early if early else self._fill
         backlog = False
         while handled < max_events:
-            want = max_events - handled
-            if want > BATCH_SLOTS:
-                want = BATCH_SLOTS
+            want = min(max_events - handled, BATCH_SLOTS)
             n = fill(want)
             if n > 0:
                 handled += n
