@@ -18,10 +18,14 @@ Reading: one recvmmsg(2) call (through ctypes) fills up to ``BATCH_SLOTS`` fixed
 preallocated buffer, and one ``struct.iter_unpack`` over the filled slots feeds the single
 dispatch loop (:func:`_dispatch`), which is also the path for events that arrived during the
 subscription and for replayed recordings (:func:`deliver`). Without recvmmsg the same slots are
-filled with one ``recv_into`` per datagram. Measured on a 2-core VM (kernel 6.18), per event:
-draining a backlog costs about 1.2 us instead of 2.7 (most of it the kernel's per-datagram work
-in recvmmsg); a wake-up that finds one to five datagrams costs about 1.5 us less than with one
-recv per datagram, because the empty-queue recv (an exception in Python) is gone.
+filled with one ``recv_into`` per datagram. Measured on a 2-core VM (kernel 6.18; python -m
+cgguard.bench.ingest), reader CPU against the old loop (one recv_into and one unpack_from per
+datagram): draining a 100k backlog 1.24 us/event instead of 1.85 (800k events/s instead of
+530k; most of what is left is the kernel's per-datagram work inside recvmmsg); live at the C
+vfork loop's peak 1.57 instead of 2.75 us/event; a wake-up that finds 1 / 2 / 5 datagrams
+3.9-5.3 / 4.7-7.2 / 6.7-10.3 us instead of 5.0-7.2 / 6.4-10.4 / 10.2-16.3 us, because the
+empty-queue recv (an exception in Python) is gone. Batching pays in every regime, so there is
+one path.
 
 Subscription: kernels since about 6.6 accept ``struct proc_input {op, event_type}``
 (cn_msg.len == 8) and then multicast only the chosen types to this socket. A request for *all*
@@ -400,8 +404,8 @@ class ProcConnector:
                     # A short batch means the queue was empty -- or that recvmmsg stopped at an
                     # error (ENOBUFS) that the next call reports. Only while draining a backlog,
                     # where an overflow during the call is plausible, is a short batch confirmed
-                    # by one more call; at low rates that call would cost about 1.5 us per
-                    # wake-up (measured: 3.9-5.4 us per read() of 1 datagram, 5.2-7.2 with it).
+                    # by one more call; at low rates that call would cost 1.1-1.8 us per wake-up
+                    # (measured: 3.9-5.4 us per read() of 1 datagram, 5.2-7.2 with it).
                     break
             elif n < 0:
                 # The kernel dropped events; the queue works again from here on.
