@@ -23,7 +23,7 @@ cgguard.bench.ingest), reader CPU against the old loop (one recv_into and one un
 datagram): draining a 100k backlog 1.24 us/event instead of 1.85 (800k events/s instead of
 530k; most of what is left is the kernel's per-datagram work inside recvmmsg); live at the C
 vfork loop's peak 1.57 instead of 2.75 us/event; a wake-up that finds 1 / 2 / 5 datagrams
-3.9-5.3 / 4.7-7.2 / 6.7-10.3 us instead of 5.0-7.2 / 6.4-10.4 / 10.2-16.3 us, because the
+3.9-5.4 / 4.7-7.2 / 6.7-10.3 us instead of 5.0-7.3 / 6.4-10.5 / 10.1-16.6 us, because the
 empty-queue recv (an exception in Python) is gone. Batching pays in every regime, so there is
 one path.
 
