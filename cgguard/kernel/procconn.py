@@ -405,7 +405,7 @@ class ProcConnector:
                     # error (ENOBUFS) that the next call reports. Only while draining a backlog,
                     # where an overflow during the call is plausible, is a short batch confirmed
                     # by one more call; at low rates that call would cost 1.1-1.8 us per wake-up
-                    # (measured: 3.9-5.4 us per read() of 1 datagram, 5.2-7.2 with it).
+                    # (measured: 3.9-5.4 us per read() of 1 datagram, 5.2-7.3 with it).
                     break
             elif n < 0:
                 # The kernel dropped events; the queue works again from here on.
