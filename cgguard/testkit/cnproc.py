@@ -25,9 +25,7 @@ from cgguard.kernel.procconn import (
     PROC_EVENT_EXIT,
     PROC_EVENT_FORK,
     EventSink,
-)
-from cgguard.kernel.procconn import (
-    _deliver as deliver,
+    deliver,
 )
 
 # File format: a magic line, one JSON metadata line, then entries of (kind u8, length u16,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,10 +13,14 @@ import pytest
 from cgguard.kernel.procconn import (
     FILTER_EVENTS,
     FILTER_LEGACY,
+    NETLINK_CONNECTOR,
+    PROC_EVENT_FORK,
+    RECV_PER_DATAGRAM,
+    RECV_RECVMMSG,
     ProcConnector,
     ProcConnectorUnavailable,
 )
-from cgguard.testkit.cnproc import RecordingSink, replay
+from cgguard.testkit.cnproc import RecordingSink, encode_event, replay
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -53,6 +58,20 @@ def connector(**kw) -> ProcConnector:
     except ProcConnectorUnavailable as e:
         print(f"SKIP reason: proc connector unavailable: {e}", file=sys.stderr)
         pytest.skip(f"proc connector unavailable: {e}")
+
+
+RECV_PATHS = [RECV_RECVMMSG, RECV_PER_DATAGRAM]
+
+
+def connector_on(path: str, **kw) -> ProcConnector:
+    """A connector reading with ``path``; skips if recvmmsg is asked for and missing."""
+    conn = connector(use_recvmmsg=path == RECV_RECVMMSG, **kw)
+    if conn.stats.recv_path != path:
+        conn.close()
+        reason = f"no recvmmsg here: the reader uses {conn.stats.recv_path}"
+        print(reason)
+        pytest.skip(reason)
+    return conn
 
 
 def drain(conn: ProcConnector, sink, until=lambda: False, timeout=3.0) -> None:
@@ -126,10 +145,53 @@ def fork_loop(tmp_path_factory):
     return compile_fork_loop(str(tmp_path_factory.mktemp("forkloop")))
 
 
+@pytest.mark.parametrize("path", RECV_PATHS)
+def test_batched_read_receives_every_event_of_a_c_loop(sandbox, fork_loop, path):
+    n = 20_000
+    # 40k events need about 33 MB of queue: with 64 MiB (128 as the kernel counts) nothing can
+    # be dropped however slowly this test reads, so every event must arrive.
+    conn = connector_on(path, rcvbuf=64 << 20)
+    try:
+        w = sandbox.spawn([fork_loop, "vfork", str(n)], sandbox.cgroup("batched"), deadline_s=10, cap=16)
+        parent = w.proc.pid  # the enter script execs the loop: same pid
+        forks, children, exits, losses = [0], set(), [0], []
+
+        class Sink:
+            def on_fork(self, ts, ppid, ptgid, pid, tgid):
+                if ptgid == parent:
+                    forks[0] += 1
+                    children.add(tgid)
+
+            def on_exec(self, ts, pid, tgid):
+                pass
+
+            def on_exit(self, ts, pid, tgid, code, sig):
+                if tgid in children:
+                    children.discard(tgid)
+                    exits[0] += 1
+
+            def on_loss(self, reason):
+                losses.append(reason)
+
+        sink = Sink()
+        reads = 0
+        while w.proc.poll() is None:  # read while the loop runs, as the agent does
+            conn.wait(0.01)
+            conn.read(sink, 8192)
+            reads += 1
+        drain(conn, sink, until=lambda: exits[0] == n, timeout=10)
+        assert w.proc.returncode == 0
+        assert (forks[0], exits[0], losses, conn.stats.lost_enobufs) == (n, n, [], 0)
+        assert conn.stats.recv_path == path and reads > 1
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", RECV_PATHS)
 @pytest.mark.parametrize("filter_events", [True, False], ids=["filtered", "legacy"])
-def test_overflow_is_reported_and_reading_continues(sandbox, fork_loop, filter_events):
+def test_overflow_is_reported_and_reading_continues(sandbox, fork_loop, filter_events, path):
     sb = sandbox
-    conn = connector(rcvbuf=4096, filter_events=filter_events)
+    conn = connector_on(path, rcvbuf=4096, filter_events=filter_events)
     try:
         cg = sb.cgroup("overflow")
         w = sb.spawn([fork_loop, "vfork", "3000"], cg, deadline_s=10, cap=16)
@@ -149,6 +211,52 @@ def test_overflow_is_reported_and_reading_continues(sandbox, fork_loop, filter_e
             # Without the filter the per-CPU sequence numbers show how much was dropped, as
             # soon as the next event of that CPU arrives.
             assert conn.stats.lost_seq_estimate > 1000 and "seq-gap" in sink.losses, conn.stats
+    finally:
+        conn.close()
+
+
+def synthetic_fork(i: int) -> bytes:
+    # pids above PID_MAX_LIMIT (4194304): no real process can be mistaken for these.
+    return encode_event(PROC_EVENT_FORK, i, (5_000_000, 5_000_000, 5_000_000 + i, 5_000_000 + i))
+
+
+def unicast(conn: ProcConnector, datagrams: list[bytes]) -> None:
+    """Queue ``datagrams`` on ``conn``'s socket: as root one may unicast to a netlink port."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR) as tx:
+        tx.bind((0, 0))
+        for d in datagrams:
+            tx.sendto(d, (conn._sock.getsockname()[0], 0))
+
+
+@pytest.mark.parametrize("path", RECV_PATHS)
+def test_early_datagrams_are_delivered_once_and_in_order(path):
+    class RacingSubscription(ProcConnector):
+        """Events queued before the subscription is sent arrive before its ACK."""
+
+        injected = False
+
+        def _send_control(self, payload):
+            if not self.injected:
+                self.injected = True
+                unicast(self, [synthetic_fork(0), b"\x00" * 30, synthetic_fork(1), synthetic_fork(2)])
+            return super()._send_control(payload)
+
+    try:
+        conn = RacingSubscription(use_recvmmsg=path == RECV_RECVMMSG)
+    except ProcConnectorUnavailable as e:
+        print(f"SKIP reason: proc connector unavailable: {e}")
+        pytest.skip(f"proc connector unavailable: {e}")
+    try:
+        if conn.stats.recv_path != path:
+            reason = f"no recvmmsg here: the reader uses {conn.stats.recv_path}"
+            print(reason)
+            pytest.skip(reason)
+        assert len(conn._early) >= 3, "the injected events were read while awaiting the ACK"
+        unicast(conn, [synthetic_fork(3), b"\x01" * 12, synthetic_fork(4)])
+        sink = ListSink()
+        drain(conn, sink, until=lambda: len(sink.of(5_000_000)) >= 5, timeout=2)
+        drain(conn, sink, timeout=0.1)  # and nothing comes twice
+        assert [e[1] for e in sink.of(5_000_000)] == [0, 1, 2, 3, 4]
     finally:
         conn.close()
 
