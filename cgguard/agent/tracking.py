@@ -197,6 +197,7 @@ class Tracking:
             rescans=self.rescans,
             rcvbuf=c.rcvbuf,
             socket_source=c.socket_source,
+            recv_path=c.recv_path,
         )
 
     def close(self) -> None:

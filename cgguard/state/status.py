@@ -53,6 +53,7 @@ class ConnectorStatus:
     rescans: int = 0  # re-reads of the watched cgroups from /proc after a loss
     rcvbuf: int = 0
     socket_source: str = ""
+    recv_path: str = ""  # recvmmsg (batched) or recv_into (one datagram per call)
 
 
 @dataclass(slots=True)
