@@ -168,4 +168,54 @@ def test_in_guest(guest_run: GuestRun, guest_nodeid: str | None):
     if case.outcome == "skipped":
         pytest.skip(f"skipped in the guest: {case.message}")
     if case.outcome != "passed":
-        pytest.fail(f"{case.outcome} in the guest: {case.message}\n\n{case.details}", pytrace=False)
+        details = "" if case.details.strip() in case.message else f"\n\n{case.details}"
+        pytest.fail(f"{case.outcome} in the guest: {case.message}{details}", pytrace=False)
+
+
+REPORT_PROBE = """
+import pytest
+
+@pytest.fixture
+def broken_teardown():
+    yield
+    raise RuntimeError("teardown broke")
+
+def test_passes():
+    pass
+
+def test_fails():
+    print("said before failing")
+    assert 1 == 2, "one is not two"
+
+def test_skips():
+    pytest.skip("not here")
+
+def test_errors_in_teardown(broken_teardown):
+    pass
+"""
+
+
+def test_report_plugin_reports_each_outcome(tmp_path: Path):
+    """The guest's per-test report, as the host reads it, for each kind of outcome (it relies on
+    pytest's report objects, which may drift on upgrades)."""
+    from cgguard.testkit.guest import REPORT_ENV, read_report
+
+    (tmp_path / "test_probe.py").write_text(REPORT_PROBE)
+    report = tmp_path / "report.jsonl"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "cgguard.testkit.guest", "-q",
+         "-o", "addopts=", "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, REPORT_ENV: str(report), "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    rep = read_report(report)
+    assert rep is not None, r.stdout + r.stderr
+    assert rep.planned == 4 and rep.exitstatus == 1 and rep.running is None and not rep.collect_errors
+    outcomes = {nodeid.split("::")[-1]: c for nodeid, c in rep.cases.items()}
+    assert {k: c.outcome for k, c in outcomes.items()} == {
+        "test_passes": "passed", "test_fails": "failed", "test_skips": "skipped", "test_errors_in_teardown": "error",
+    }
+    assert "one is not two" in outcomes["test_fails"].message
+    assert "said before failing" in outcomes["test_fails"].details  # captured output comes along
+    assert outcomes["test_skips"].message.endswith("not here")
+    assert "teardown broke" in outcomes["test_errors_in_teardown"].message

@@ -18,9 +18,9 @@ from agentproc import AgentProc
 
 from cgguard.kernel.cgroupfs import CgroupFS
 
-# One condition (a verdict, a cgroup emptying, the agent's next sample): a hang guard only.
-# Measured here, the slowest such wait took ~10 s of emulation on a loaded host.
-HANG_GUARD = 120.0
+# One condition (a verdict, a cgroup emptying, the agent's next sample): a hang guard only, well
+# below the guest's per-test timeout (600 s) so that a hang fails with this wait's own message.
+HANG_GUARD = 180.0
 # Deadline of the deadline-bounded workloads: beyond any wait of a test, so they never end by
 # themselves while a test still expects them, and short enough to end if a test leaks one.
 WORKLOAD_DEADLINE = 900
@@ -96,10 +96,16 @@ class GuestAgent(AgentProc):
         return wait_until(check, f"the agent's status to show {rel} {what}",
                           context=lambda: f"status: {self.cgroup(rel)}\nagent log:\n{self.output()}")
 
-    def incident(self, rel: str, fs: CgroupFS | None = None) -> dict[str, Any]:
+    def incident(self, rel: str, fs: CgroupFS | None = None, ceiling: int | None = None) -> dict[str, Any]:
         """The first incident of ``rel``, with its outcome (a hang guard, not a latency bound).
-        With ``fs``, a hang is reported with the kernel's view of the cgroup and its parent."""
+        With ``fs``, a hang is reported with the kernel's view of the cgroup and its parent.
+        ``ceiling``: tasks at which an unbounded bomb is killed by the test (and the test failed)
+        before it takes the guest down."""
         def final() -> dict[str, Any] | None:
+            if ceiling is not None and fs is not None and int(fs.read(rel, "pids.current")) >= ceiling:
+                fs.kill(rel)
+                pytest.fail(f"{rel} reached {ceiling} tasks without a verdict; the test killed it\n{context()}",
+                            pytrace=False)
             return next((i for i in self.incidents_of(rel) if i.get("result") != "detected"), None)
 
         def context() -> str:
