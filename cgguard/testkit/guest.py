@@ -888,8 +888,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _host_command(args.command) or guest_pytest_argv("tests/guest/inside", *GUEST_PYTEST_ARGS)
     log(f"booting {image.release}: {shlex.join(cmd)}")
     res = run_in_guest(cmd, args.timeout, cwd=os.getcwd(), results_dir=args.results)
-    sys.stdout.write(res.stdout)
-    sys.stderr.write(res.stderr)
+    for stream, text in ((sys.stdout, res.stdout), (sys.stderr, res.stderr)):
+        # A job stopped mid-line (a hang) must not swallow the first line of the account below.
+        stream.write(text if not text or text.endswith("\n") else text + "\n")
+        stream.flush()
     boot = f"{res.boot_seconds:.1f} s" if res.boot_seconds is not None else "-"
     log(f"status {res.status}, exit code {res.exit_code}, boot {boot}, total {res.elapsed_seconds:.1f} s "
         f"(budget {res.budget_seconds:.0f} s), results in {res.results_dir}")
