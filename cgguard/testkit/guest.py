@@ -84,9 +84,9 @@ CMDLINE = "console=ttyS0 quiet panic=-1 cgroup_no_v1=all"
 
 # Budgets, in seconds (see the module's doc); hang guards, not expectations. Measured on the
 # 2-core development host: boot 3-10 s, pytest start and collection 10-20 s, the slowest passing
-# guest test 20 s idle and 55 s with the host's load average above 80, the whole guest stage
-# 150-430 s for 15 tests. On a machine 3x slower than that loaded one the stage would take
-# ~1300 s of the 1740 s budget, and the slowest test ~165 s of its 600.
+# guest test 20 s when the host is quiet and 55-80 s with its load average above 80, the whole
+# guest stage (15 tests) ~150 s quiet and ~350 s loaded. 3x slower than loaded is ~1050 s of the
+# 1740 s budget, and the slowest test ~240 s of its 600.
 BOOT_BUDGET_S = 240.0  # qemu start until the job has reported its plan
 PER_TEST_BUDGET_S = 60.0  # added per test the job runs
 TEST_TIMEOUT_S = 600  # pytest-timeout of one test inside the guest

@@ -7,6 +7,7 @@ never reaches them, so they can be generous.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -120,6 +121,16 @@ class GuestAgent(AgentProc):
             return "\n".join(lines)
 
         return wait_until(final, f"an incident with an outcome for {rel}", context=context)
+
+    def explain(self, inc: Any) -> str:
+        """An assertion message: the incident in full (pytest would shorten a dict), what the
+        agent's process tracking lost, and its log."""
+        try:
+            st = self.status(timeout=30)
+            tracking = f"connector: {st['connector']}\ntracking: {st['tracking']}"
+        except (OSError, ValueError) as e:
+            tracking = f"status unavailable: {e}"
+        return f"incident: {json.dumps(inc, indent=1, default=str)}\n{tracking}\nagent log:\n{self.output(20000)}"
 
     def incidents_of(self, rel: str) -> list[dict[str, Any]]:
         return [i for i in self.incidents() if i["cgroup"] == rel]

@@ -96,9 +96,9 @@ def test_unbounded_classic_bomb_without_any_pids_max_removed(cgfs, make_cgroup, 
     # Lineage decides a bash bomb at a few dozen tasks. Half the budget is where the budget rules
     # start to look, and ~500 MB of the guest's 1 GB: a bomb that gets there was missed.
     inc = a.incident(cg, cgfs, ceiling=DEFAULT_BUDGET // 2)
-    assert inc["detector"] == "lineage" and inc["evidence"] == "lineage", inc
-    assert inc["action"] == "kill-cgroup" and inc["result"] == "removed", inc
-    assert inc["survivors"] == 0, inc
+    assert inc["detector"] == "lineage" and inc["evidence"] == "lineage", a.explain(inc)
+    assert inc["action"] == "kill-cgroup" and inc["result"] == "removed", a.explain(inc)
+    assert inc["survivors"] == 0, a.explain(inc)
     gone(cgfs, cg, wait_until)
     bomb.wait(60)  # our child's zombie is charged to the cgroup until we reap it
     assert int(cgfs.read(cg, "pids.current")) == 0
@@ -117,12 +117,12 @@ def test_thread_bomb_pinned_at_its_own_pids_max_removed(cgfs, make_cgroup, agent
     a.wait_cgroup(cg, lambda c: c["budget"] == 200 and c["budget_source"] == f"v2:{cg}", "with its pids.max as budget")
     bomb = start_in(cgfs, cg, thread_bomb())
     inc = a.incident(cg, cgfs)
-    assert inc["detector"] in ("pinned", "fill-hold", "trajectory"), inc
-    assert inc["evidence"] in ("budget", "trajectory"), inc
-    assert inc["budget"] == 200 and inc["budget_source"] == f"v2:{cg}", inc
+    assert inc["detector"] in ("pinned", "fill-hold", "trajectory"), a.explain(inc)
+    assert inc["evidence"] in ("budget", "trajectory"), a.explain(inc)
+    assert inc["budget"] == 200 and inc["budget_source"] == f"v2:{cg}", a.explain(inc)
     # Every rule that can decide holds at least half the budget: a hundred tasks, one process.
-    assert inc["tasks_at_detection"] >= 100, inc
-    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert inc["tasks_at_detection"] >= 100, a.explain(inc)
+    assert inc["result"] == "removed" and inc["survivors"] == 0, a.explain(inc)
     gone(cgfs, cg, wait_until)
     bomb.wait(60)
     assert int(cgfs.read(cg, "pids.current")) == 0
@@ -149,9 +149,9 @@ def test_thread_bomb_under_a_pod_limit_removed_and_its_calm_sibling_spared(cgfs,
     bomb = start_in(cgfs, bad, thread_bomb())
     inc = a.incident(bad, cgfs)
     print(f"incident: {inc['detector']}: {inc['reasons']}")
-    assert inc["detector"] in ("pinned", "fill-hold", "trajectory"), inc
-    assert inc["budget"] == 300 and inc["budget_source"] == f"v2:{pod}", inc
-    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert inc["detector"] in ("pinned", "fill-hold", "trajectory"), a.explain(inc)
+    assert inc["budget"] == 300 and inc["budget_source"] == f"v2:{pod}", a.explain(inc)
+    assert inc["result"] == "removed" and inc["survivors"] == 0, a.explain(inc)
     gone(cgfs, bad, wait_until)
     bomb.wait(60)
     # The kernel's side, for the record: which pids.events counted the refused forks (the
@@ -163,7 +163,7 @@ def test_thread_bomb_under_a_pod_limit_removed_and_its_calm_sibling_spared(cgfs,
     extra = start_in(cgfs, calm, ["sleep", str(WORKLOAD_DEADLINE)])
     try:
         a.wait_cgroup(calm, lambda s: s["tasks"] == 22, "sampled after the bomb's removal (22 tasks)")
-        assert a.incidents_of(calm) == [], a.incidents_of(calm)
+        assert a.incidents_of(calm) == [], a.explain(a.incidents_of(calm))
         assert sorted(set(cgfs.procs(calm)) - {extra.pid}) == calm_pids
         assert calm_proc.poll() is None
     finally:
@@ -186,9 +186,9 @@ def test_thread_bomb_pinned_at_a_pod_limit_before_the_agent_started_removed(cgfs
     a = agent(f"{pod}/*")
     inc = a.incident(bad, cgfs)
     print(f"pids.events max: pod {pids_events(cgfs, pod)}, bomb {pids_events(cgfs, bad)}")
-    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", inc
-    assert inc["budget"] == 200 and inc["budget_source"] == f"v2:{pod}", inc
-    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", a.explain(inc)
+    assert inc["budget"] == 200 and inc["budget_source"] == f"v2:{pod}", a.explain(inc)
+    assert inc["result"] == "removed" and inc["survivors"] == 0, a.explain(inc)
     gone(cgfs, bad, wait_until)
     bomb.wait(60)
 
@@ -208,10 +208,10 @@ def test_zombie_pile_seen_only_through_pids_current_removed(cgfs, make_cgroup, a
     assert len(threads) < 30, threads  # the parent, and a child or two on its way out
     a = agent(f"{top}/*")
     inc = a.incident(cg, cgfs)
-    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", inc
-    assert inc["budget"] == 300 and inc["budget_source"] == f"v2:{cg}", inc
+    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", a.explain(inc)
+    assert inc["budget"] == 300 and inc["budget_source"] == f"v2:{cg}", a.explain(inc)
     assert inc["tasks_at_detection"] >= 285, inc  # counted by pids.current, zombies included
-    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert inc["result"] == "removed" and inc["survivors"] == 0, a.explain(inc)
     gone(cgfs, cg, wait_until)
     pile.wait(60)
     assert int(cgfs.read(cg, "pids.current")) == 0  # the zombies went with their parent
@@ -235,10 +235,10 @@ def test_surgical_kill_in_a_shared_leaf_spares_the_innocent(cgfs, make_cgroup, a
     wait_until(knows_innocent, "the agent's lineage tree to hold the innocent", context=a.output)
     start_in(cgfs, cg, ["bash", "-c", SEED_UNBOUNDED])
     inc = a.incident(cg, cgfs)
-    assert inc["detector"] == "lineage" and inc["evidence"] == "lineage", inc
-    assert inc["action"] == "kill-lineage" and inc["result"] == "removed", inc
-    assert inc["survivors"] == 0, inc
-    assert inc["origin"]["comm"] == "bash" and "forkbomb" in inc["origin"]["cmdline"], inc
+    assert inc["detector"] == "lineage" and inc["evidence"] == "lineage", a.explain(inc)
+    assert inc["action"] == "kill-lineage" and inc["result"] == "removed", a.explain(inc)
+    assert inc["survivors"] == 0, a.explain(inc)
+    assert inc["origin"]["comm"] == "bash" and "forkbomb" in inc["origin"]["cmdline"], a.explain(inc)
     wait_until(lambda: cgfs.procs(cg) == [innocent.pid], f"only the innocent ({innocent.pid}) to remain",
                context=lambda: f"procs: {cgfs.procs(cg)}, innocent exit: {innocent.poll()}\nincident: {inc}\n"
                                f"agent log:\n{a.output(20000)}")
@@ -273,9 +273,9 @@ def test_pids_events_wakes_the_agent_for_a_pinned_verdict(cgfs, make_cgroup, age
     # Not a latency bound: only a wake-up can bring the verdict before the next scheduled sample,
     # a minute after the last one; 45 s leaves any emulation speed ample room.
     inc = a.wait_incident(cg, timeout=45)
-    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", inc
-    assert inc["budget"] == 32 and inc["budget_source"] == f"v2:{cg}", inc
-    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert inc["detector"] == "pinned" and inc["evidence"] == "budget", a.explain(inc)
+    assert inc["budget"] == 32 and inc["budget_source"] == f"v2:{cg}", a.explain(inc)
+    assert inc["result"] == "removed" and inc["survivors"] == 0, a.explain(inc)
     # The pinned rule needs samples spanning its hold: taken on wake-ups, not on the schedule.
     assert a.status(timeout=30)["samples_taken"] >= before + 2
     gone(cgfs, cg, wait_until)
