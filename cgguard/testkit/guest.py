@@ -8,13 +8,24 @@ job therefore sees the repository and the Python environment at the same absolut
 host.
 
 KVM is unusable here, so the guest runs under TCG (software emulation) on q35 (microvm hung on
-boot too often). Booting the uncompressed kernel takes 2-6 s here (vmlinuz: 7-10 s), a pytest
-run of the guest tests 15-30 s in all; emulation speed follows the host's load (2-5x), so
-nothing inside the guest may depend on timing. The job sees the host's tree read-only except
-/tmp, /var/tmp, /run and /dev/shm (the guest's own tmpfs) and GUEST_RESULTS (shared back).
+boot too often). Booting the uncompressed kernel takes 2-6 s here (vmlinuz: 7-10 s); emulation
+is 2-5x slower on other machines and follows the host's load, so nothing inside the guest may
+depend on timing. The job sees the host's tree read-only except /tmp, /var/tmp, /run and
+/dev/shm (the guest's own tmpfs) and GUEST_RESULTS (shared back).
 
-Environment: CGGUARD_GUEST_TIMEOUT (seconds before qemu is killed, default 240),
-CGGUARD_GUEST_CACHE (see below).
+Time budget. Every wait inside the guest is on a condition, so a timeout only ever ends a hang
+and a generous one costs a passing run nothing. The budgets are therefore fixed and large
+rather than scaled by a speed measured at boot: a calibration loop measures one moment of a host
+whose load changes over the run, and a budget scaled from it fails the way a tight fixed one
+does. A pytest job reports its plan as it goes (``GUEST_RESULTS/report.jsonl``, written by the
+pytest plugin in this module): qemu gets BOOT_BUDGET_S to boot and collect, then, once the job
+has said how many tests it runs, ``guest_budget(n)`` in all: PER_TEST_BUDGET_S per test (the
+slowest takes ~20 s here) plus one TEST_TIMEOUT_S, so that even a run in which one test hangs
+until pytest-timeout stops it ends with pytest's report, not with qemu killed. The same report
+keeps the results of the tests that finished if qemu is killed all the same.
+
+Environment: CGGUARD_GUEST_TIMEOUT (fixed seconds before qemu is killed, instead of the derived
+budget), CGGUARD_GUEST_CACHE (see below).
 
 Build products are cached under ``$CGGUARD_GUEST_CACHE`` (default /var/tmp/cgguard-guest), keyed
 by the kernel and busybox package versions and the initramfs inputs, so a rerun only boots.
@@ -70,7 +81,25 @@ ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 IMAGE_FORMAT = 1
 
 CMDLINE = "console=ttyS0 quiet panic=-1 cgroup_no_v1=all"
-DEFAULT_TIMEOUT = float(os.environ.get("CGGUARD_GUEST_TIMEOUT", "240"))
+
+# Budgets, in seconds (see the module's doc); hang guards, not expectations. Measured on the
+# 2-core development host: boot 3-10 s, pytest start and collection 10-20 s, the slowest passing
+# guest test 20 s when the host is quiet and 55-80 s with its load average above 80, the whole
+# guest stage (15 tests) ~150 s quiet and ~350 s loaded. 3x slower than loaded is ~1050 s of the
+# 1740 s budget, and the slowest test ~240 s of its 600.
+BOOT_BUDGET_S = 240.0  # qemu start until the job has reported its plan
+PER_TEST_BUDGET_S = 60.0  # added per test the job runs
+TEST_TIMEOUT_S = 600  # pytest-timeout of one test inside the guest
+_fixed = os.environ.get("CGGUARD_GUEST_TIMEOUT")
+FIXED_TIMEOUT: float | None = float(_fixed) if _fixed else None
+
+
+def guest_budget(tests: int) -> float:
+    """Seconds a guest that runs ``tests`` tests may take from qemu's start to its power-off."""
+    if FIXED_TIMEOUT is not None:
+        return FIXED_TIMEOUT
+    return BOOT_BUDGET_S + tests * PER_TEST_BUDGET_S + TEST_TIMEOUT_S
+
 # Host variables passed on to the job; the guest's own identity (CGGUARD_IN_GUEST=1,
 # PYTHONDONTWRITEBYTECODE=1) is set by init.sh.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "PYENV_ROOT", "PYENV_VERSION")
@@ -97,12 +126,16 @@ class GuestResult:
     boot_seconds: float | None  # qemu start until init.sh started the job
     elapsed_seconds: float
     results_dir: Path  # the host side of the results share (files the job wrote there)
+    budget_seconds: float = 0.0  # when qemu would have been (or was) killed
+    report: GuestReport | None = None  # what a pytest job reported, test by test
 
     def describe(self) -> str:
         """A multi-line account for a failure message."""
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "never"
         parts = [f"guest status {self.status}, exit code {self.exit_code}, booted: {boot}, "
-                 f"total {self.elapsed_seconds:.1f} s"]
+                 f"total {self.elapsed_seconds:.1f} s of a {self.budget_seconds:.0f} s budget"]
+        if self.report is not None and self.report.running:
+            parts.append(f"running when the guest stopped: {self.report.running}")
         shown = [("stdout", self.stdout), ("stderr", self.stderr)]
         if self.status != "ok":  # otherwise the console only repeats stdout (init.sh tees it there)
             shown.append(("console", self.console_tail))
@@ -548,9 +581,49 @@ class _Console:
         self._thread.join(timeout=10)
 
 
+def _planned_tests(report: Path) -> int | None:
+    """How many tests the job said it runs, once it has (the plugin's "collected" line)."""
+    try:
+        text = report.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if '"collected"' in line:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # being written: read again on the next poll
+            if rec.get("event") == "collected" and isinstance(rec.get("count"), int):
+                return rec["count"]
+    return None
+
+
+def _precompile(root: Path) -> None:
+    """Write the bytecode of the Python sources under ``root`` (the job's checkout) on the host.
+
+    The guest's root is read-only and init.sh sets PYTHONDONTWRITEBYTECODE: without .pyc files
+    every Python start in the guest compiles the project anew, which under emulation made each
+    agent start take 20-30 s instead of 5. Best effort: a read-only checkout is left as it is.
+    """
+    import compileall
+
+    if not os.access(root, os.W_OK):
+        return
+    prefix, sys.pycache_prefix = sys.pycache_prefix, None  # where the guest will look for them
+    try:
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child.name not in ("build", "dist", "results"):
+                with contextlib.redirect_stdout(None):
+                    compileall.compile_dir(child, quiet=2, workers=1)
+    except OSError:
+        pass
+    finally:
+        sys.pycache_prefix = prefix
+
+
 def run_in_guest(
     argv: list[str],
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     *,
     cwd: str | os.PathLike = REPO,
     env: dict[str, str] | None = None,
@@ -558,21 +631,30 @@ def run_in_guest(
 ) -> GuestResult:
     """Boot the guest, run ``argv`` in ``cwd`` there, power off; never leaves qemu running.
 
-    Files the job writes under GUEST_RESULTS land in ``results_dir`` (a fresh temporary
-    directory when None; it is kept, its path is in the result). Raises GuestUnavailable if the
-    guest cannot be prepared.
+    ``timeout``: seconds before qemu is killed. None derives it (see the module's doc): a pytest
+    job run with :func:`guest_pytest_argv` gets ``guest_budget(n)`` once it has reported its n
+    tests, any other job BOOT_BUDGET_S, unless CGGUARD_GUEST_TIMEOUT fixes it. Files the job
+    writes under GUEST_RESULTS land in ``results_dir`` (a fresh temporary directory when None;
+    it is kept, its path is in the result). Raises GuestUnavailable if the guest cannot be
+    prepared.
     """
     qemu, image = prepare()
     results = Path(results_dir) if results_dir is not None else Path(tempfile.mkdtemp(prefix="cgguard-guest-"))
     results.mkdir(parents=True, exist_ok=True)
-    for stale in ("exit_code", "exit_code.tmp", "stdout", "stderr"):
+    for stale in ("exit_code", "exit_code.tmp", "stdout", "stderr", REPORT):
         (results / stale).unlink(missing_ok=True)
     job_env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    job_env[REPORT_ENV] = f"{GUEST_RESULTS}/{REPORT}"
     job_env.update(env or {})
     (results / "job.sh").write_text(_job_script([str(a) for a in argv], os.fspath(cwd), job_env))
     binds = _hidden_paths([os.fspath(cwd), sys.prefix, sys.base_prefix])
+    _precompile(Path(cwd))
     (results / "binds").write_text("".join(f"bind{i} {p}\n" for i, p in enumerate(binds)))
 
+    if timeout is None and FIXED_TIMEOUT is not None:
+        timeout = FIXED_TIMEOUT
+    budget = timeout if timeout is not None else BOOT_BUDGET_S
+    planned = False
     started = time.monotonic()
     proc = subprocess.Popen(
         qemu_argv(qemu, image, results, binds), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -581,9 +663,20 @@ def run_in_guest(
     console = _Console(proc.stdout, results / "console.log", started)
     timed_out = False
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        while True:
+            left = started + budget - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            try:
+                proc.wait(timeout=min(left, 1.0))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if timeout is None and not planned:
+                n = _planned_tests(results / REPORT)
+                if n is not None:
+                    planned, budget = True, guest_budget(n)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: this reaches only qemu
@@ -611,23 +704,153 @@ def run_in_guest(
     return GuestResult(
         status=status, exit_code=exit_code, stdout=read("stdout"), stderr=read("stderr"),
         console_tail="".join(console.tail), boot_seconds=console.marker_at,
-        elapsed_seconds=elapsed, results_dir=results,
+        elapsed_seconds=elapsed, results_dir=results, budget_seconds=budget,
+        report=read_report(results / REPORT),
     )
+
+
+# -- the pytest report -----------------------------------------------------------------------
+# A pytest job in the guest reports as it goes, one JSON object a line, into the results share:
+# its plan ({"event": "collected", "count": n}), each test's start and result, collection
+# errors and its end. The host sets the guest's time budget from the plan, and a guest killed
+# on a hang still has the results of every test that finished and names the one that ran.
+
+REPORT = "report.jsonl"
+REPORT_ENV = "CGGUARD_GUEST_REPORT"  # where the plugin writes (set by run_in_guest)
+_DETAILS_MAX = 20_000
+
+
+@dataclass(frozen=True)
+class Case:
+    outcome: str  # passed, failed, error, skipped
+    message: str
+    details: str
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class GuestReport:
+    planned: int | None  # tests the job said it runs
+    cases: dict[str, Case]  # by node id
+    running: str | None  # started but without a result: the guest stopped during it
+    collect_errors: dict[str, str]  # node id -> details
+    exitstatus: int | None  # pytest's exit status; None: it did not finish
+    unreadable: int  # lines that did not parse (a guest killed mid-write leaves one)
+
+
+def read_report(path: Path) -> GuestReport | None:
+    """The report a pytest job left in the results share, or None if it wrote none."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    planned = exitstatus = running = None
+    cases: dict[str, Case] = {}
+    errors: dict[str, str] = {}
+    unreadable = 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            event = rec["event"]
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        if event == "collected":
+            planned = rec.get("count")
+        elif event == "start":
+            running = rec.get("nodeid")
+        elif event == "result":
+            cases[rec["nodeid"]] = Case(rec["outcome"], rec.get("message", ""), rec.get("details", ""),
+                                        float(rec.get("duration", 0.0)))
+            if running == rec["nodeid"]:
+                running = None
+        elif event == "collect-error":
+            errors[rec.get("nodeid", "")] = rec.get("details", "")
+        elif event == "finished":
+            exitstatus = rec.get("exitstatus")
+    return GuestReport(planned, cases, running, errors, exitstatus, unreadable)
+
+
+def _outcome(reports: list) -> tuple[str, str, str, float]:
+    """One test's (outcome, message, details, duration) from its setup/call/teardown reports,
+    as junit XML would: a failing call is "failed", a failing setup or teardown "error"."""
+    outcome, message, details = "passed", "", ""
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+    sections: list[str] = []
+    for r in reports:
+        if r.failed:
+            this = "failed" if r.when == "call" else "error"
+        elif r.skipped:
+            this = "skipped"
+        else:
+            this = "passed"
+        if rank[this] > rank[outcome]:
+            outcome, details = this, r.longreprtext
+            crash = getattr(r.longrepr, "reprcrash", None)
+            if this == "skipped" and isinstance(r.longrepr, tuple):
+                message = str(r.longrepr[2])
+            elif crash is not None:
+                message = crash.message
+            else:
+                message = details.strip().splitlines()[-1] if details.strip() else this
+        if r.when == "teardown":
+            sections = [f"--- {name} ---\n{text}" for name, text in r.sections if text.strip()]
+    if outcome in ("failed", "error") and sections:
+        details = details + "\n\n" + "\n".join(sections)
+    return outcome, message, details[-_DETAILS_MAX:], sum(r.duration for r in reports)
+
+
+class _ReportPlugin:
+    def __init__(self, path: str):
+        self._file = open(path, "a", encoding="utf-8")
+        self._reports: dict[str, list] = {}
+
+    def _emit(self, **rec) -> None:
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()  # over 9p: on the host as soon as it is written
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed:
+            self._emit(event="collect-error", nodeid=report.nodeid, details=str(report.longrepr)[-_DETAILS_MAX:])
+
+    def pytest_collection_finish(self, session) -> None:
+        self._emit(event="collected", count=len(session.items))
+
+    def pytest_runtest_logstart(self, nodeid, location) -> None:
+        self._emit(event="start", nodeid=nodeid)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        self._reports.setdefault(report.nodeid, []).append(report)
+
+    def pytest_runtest_logfinish(self, nodeid, location) -> None:
+        outcome, message, details, duration = _outcome(self._reports.pop(nodeid, []))
+        self._emit(event="result", nodeid=nodeid, outcome=outcome, message=message, details=details,
+                   duration=round(duration, 3))
+
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        self._emit(event="finished", exitstatus=int(exitstatus))
+        self._file.close()
+
+
+def pytest_configure(config) -> None:
+    """This module is a pytest plugin in the guest (``-p cgguard.testkit.guest``): it writes the
+    report where run_in_guest asked for it."""
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        config.pluginmanager.register(_ReportPlugin(path), "cgguard-guest-report")
 
 
 # How the guest tests are run: -v puts each test's name on the console before it runs, so
 # the console tail of a hung guest names the culprit; pytest-timeout fails a single hung test
 # with its traceback well before the whole guest is killed; a broken test file does not hide
 # the results of the others.
-GUEST_PYTEST_ARGS = ("-v", "--timeout=120", "--continue-on-collection-errors")
+GUEST_PYTEST_ARGS = ("-v", f"--timeout={TEST_TIMEOUT_S}", "--continue-on-collection-errors")
 
 
-def guest_pytest_argv(*args: str, junitxml: str | None = f"{GUEST_RESULTS}/junit.xml") -> list[str]:
-    """The pytest command line for the guest: no cache writes on the read-only root."""
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
-    if junitxml:
-        argv.append(f"--junitxml={junitxml}")
-    return argv + list(args)
+def guest_pytest_argv(*args: str) -> list[str]:
+    """The pytest command line for the guest: no cache writes on the read-only root, and the
+    report plugin (this module)."""
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "cgguard.testkit.guest", *args]
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -638,13 +861,14 @@ def _host_command(cmd: list[str]) -> list[str]:
     if cmd and cmd[0] in ("python", "python3"):
         return [sys.executable, *cmd[1:]]
     if cmd and cmd[0] == "pytest":
-        return guest_pytest_argv(*cmd[1:], junitxml=None)
+        return guest_pytest_argv(*cmd[1:])
     return cmd
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cgguard.testkit.guest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before qemu is killed")
+    ap.add_argument("--timeout", type=float, default=FIXED_TIMEOUT,
+                    help="seconds before qemu is killed (default: derived from the tests the job runs)")
     ap.add_argument("--results", help="host directory for the results share (default: a new temp dir)")
     ap.add_argument("--build-only", action="store_true", help="prepare qemu and the image, then stop")
     ap.add_argument("command", nargs="*", help="command to run in the guest (after --)")
@@ -664,12 +888,19 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _host_command(args.command) or guest_pytest_argv("tests/guest/inside", *GUEST_PYTEST_ARGS)
     log(f"booting {image.release}: {shlex.join(cmd)}")
     res = run_in_guest(cmd, args.timeout, cwd=os.getcwd(), results_dir=args.results)
-    sys.stdout.write(res.stdout)
-    sys.stderr.write(res.stderr)
+    for stream, text in ((sys.stdout, res.stdout), (sys.stderr, res.stderr)):
+        # A job stopped mid-line (a hang) must not swallow the first line of the account below.
+        stream.write(text if not text or text.endswith("\n") else text + "\n")
+        stream.flush()
     boot = f"{res.boot_seconds:.1f} s" if res.boot_seconds is not None else "-"
-    log(f"status {res.status}, exit code {res.exit_code}, boot {boot}, total {res.elapsed_seconds:.1f} s, "
-        f"results in {res.results_dir}")
+    log(f"status {res.status}, exit code {res.exit_code}, boot {boot}, total {res.elapsed_seconds:.1f} s "
+        f"(budget {res.budget_seconds:.0f} s), results in {res.results_dir}")
+    if res.report is not None and res.report.cases:
+        slowest = max(res.report.cases.items(), key=lambda kv: kv[1].duration)
+        log(f"{len(res.report.cases)} tests reported, slowest {slowest[1].duration:.1f} s: {slowest[0]}")
     if res.status != "ok":
+        if res.report is not None and res.report.running:
+            log(f"running when the guest stopped: {res.report.running}")
         log(f"console tail:\n{res.console_tail}")
         return 124 if res.status == "timeout" else 125
     return res.exit_code or 0

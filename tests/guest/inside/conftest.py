@@ -5,14 +5,15 @@ cgroup2 root, which only the throwaway VM may have done to it. The guest's /init
 CGGUARD_IN_GUEST=1. Adding a test is adding a ``test_*.py`` file here; tests/guest/test_guest.py
 reports each guest test as a host test. Run them alone with ``python -m cgguard.testkit.guest``.
 
-Timing under emulation varies 2-5x with the host's load: the deadlines below only stop a hung
-test, no test may assert on how long something took.
+Timing under emulation varies 2-5x with the host's load (more on a busy host): every wait is on
+a condition (guestkit.wait_until), its deadline only stops a hung test, and no test may assert
+on how long something took. A test that asserts an absence ("no incident") first waits for a
+positive sign that the agent looked (its status shows a sample taken after the fact).
 """
 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from cgguard.kernel.cgroupfs import CgroupFS, find_cgroup2_root
+from guest.inside.guestkit import GuestAgent, wait_until, write_config
 
 IN_GUEST = os.environ.get("CGGUARD_IN_GUEST") == "1"
-HANG_GUARD = 60.0  # seconds; a hang guard, not a timing expectation
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,18 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.guest)
             if not IN_GUEST:
                 item.add_marker(skip)
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = HANG_GUARD, interval: float = 0.05):
-    """Poll until ``predicate()`` is truthy and return its value; fail naming ``what`` on a hang."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"still waiting after {timeout:.0f} s for {what}", pytrace=False)
-        time.sleep(interval)
 
 
 @pytest.fixture(name="wait_until", scope="session")
@@ -91,3 +80,23 @@ def make_cgroup(cgfs: CgroupFS) -> Iterator[Callable[[str], str]]:
 def make_module_cgroup(cgfs: CgroupFS) -> Iterator[Callable[[str], str]]:
     """Like make_cgroup, for module-scoped fixtures: removed after the module."""
     yield from _cgroup_factory(cgfs)
+
+
+@pytest.fixture
+def agent(tmp_path) -> Iterator[Callable[..., GuestAgent]]:
+    """Factory of real ``cgguard run`` agents watching ``watch``: ``agent(watch, *flags,
+    config="yaml lines")``; each is stopped after the test and must exit 0."""
+    started: list[GuestAgent] = []
+
+    def start(watch: str, *extra: str, config: str = "") -> GuestAgent:
+        work = tmp_path / f"agent{len(started)}"
+        work.mkdir()
+        cfg = write_config(str(work / "config.yaml"), config)
+        a = GuestAgent(str(work), [watch], "--config", cfg, *extra)
+        started.append(a)
+        a.wait_ready(timeout=120)
+        return a
+
+    yield start
+    for a in started:
+        assert a.stop() == 0, a.output()
