@@ -120,25 +120,35 @@ class Budgets:
     def stale(self, b: Budget, now_ns: int) -> bool:
         return now_ns - b.resolved_ns >= REFRESH_NS
 
-    def pressure(self, b: Budget, own_tasks: int) -> Pressure:
-        """The fullest of the budget's limit groups, or the cgroup's own tasks against the default."""
+    def _refused(self, directory: str) -> int | None:
+        try:
+            return parse_flat_keyed(self.files.read(os.path.join(directory, "pids.events")).decode()).get("max")
+        except OSError:
+            return None
+
+    def pressure(self, b: Budget, own_tasks: int, own_dir: str | None = None) -> Pressure:
+        """The fullest of the budget's limit groups, or the cgroup's own tasks against the default.
+
+        Refused forks are counted where the kernel counts them: before Linux 6.11 in the
+        ``pids.events`` of the cgroup that tried to fork, since then at the limit and up the tree.
+        So a cgroup under a pod's limit adds its own counter (``own_dir``) to the pod's.
+        """
         best: Pressure | None = None
+        best_dir = None
         for g in b.groups:
             try:
                 level = int(self.files.read(os.path.join(g.directory, "pids.current")) or b"0")
             except (OSError, ValueError):
                 continue
-            refused = None
-            try:
-                ev = parse_flat_keyed(self.files.read(os.path.join(g.directory, "pids.events")).decode())
-                refused = ev.get("max")
-            except OSError:
-                pass
-            p = Pressure(level, g.limit, refused, g.name)
+            p = Pressure(level, g.limit, self._refused(g.directory), g.name)
             if best is None or p.usage > best.usage:
-                best = p
+                best, best_dir = p, g.directory
         if best is None:
             return Pressure(own_tasks, self.default_tasks, None, "default")
+        if own_dir is not None and own_dir != best_dir and best.source.startswith("v2:"):
+            own = self._refused(own_dir)
+            if own is not None:
+                best = Pressure(best.level, best.limit, (best.refused or 0) + own, best.source)
         return best
 
     def forget_unused(self, used: set[tuple[str, str]]) -> None:

@@ -466,7 +466,7 @@ class Watcher:
         now = self.clock() if now is None else now
         tasks = self.count(node)
         b = self.budget_of(node, now, populated=tasks > 0)
-        p = self.budgets.pressure(b, tasks)
+        p = self.budgets.pressure(b, tasks, self.fs.abspath(node.rel) if node.pids_events_wd is not None else None)
         # Births only matter where the churn rule can decide; summing them costs a pass over
         # the cgroup's tracked records.
         got = births(node.rel) if births is not None and p.usage >= PRESSURE_FAST else None
