@@ -13,7 +13,6 @@ it looks the bomb is at or near its cap.
 import os
 import time
 
-import pytest
 from faultkit import (  # noqa: F401 (fixture)
     agents_fixture,
     assert_removed_whole,
