@@ -394,7 +394,7 @@ class Config(_Model):
         Action.kill_cgroup,
         description="When a surgical kill cannot freeze or move the lineage: kill-cgroup or report.",
     )
-    remove_timeout_ms: int = Field(5000, ge=100, le=600_000, description="How long to wait for 'populated 0' before retrying.")
+    remove_timeout_ms: int = Field(15_000, ge=100, le=600_000, description="How long to wait for 'populated 0' (cgroup.kill is written again at each third of it) before the result is 'timeout'. Thousands of exiting tasks on a loaded node take seconds.")
     sampling: Sampling = Sampling()
     budget: BudgetSettings = BudgetSettings()
     detect: Detect = Detect()

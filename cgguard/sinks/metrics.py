@@ -80,7 +80,7 @@ ACTIONS: tuple[str, ...] = tuple(OUTCOMES)
 RESULTS: tuple[str, ...] = tuple(dict.fromkeys(r for rs in OUTCOMES.values() for r in rs))
 
 # Detection of a bomb takes from a few ms (the lineage detector under a fast bomb) to seconds
-# (saturation holds); removal from ms (cgroup.kill of a small tree) to remove_timeout_ms (5 s).
+# (saturation holds); removal from ms (cgroup.kill of a small tree) to remove_timeout_ms (15 s).
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _CGROUP_LABELS: tuple[str, ...] = ("cgroup", *LABEL_NAMES)
