@@ -738,9 +738,11 @@ class Agent:
             except Exception:  # a sink must never stop the agent
                 log.exception("incident sink %r failed", sink)
 
-    def _settle(self, max_wait_s: float = 0.2) -> None:
+    def _settle(self, max_wait_s: float = 1.0) -> None:
         """Called from the action thread after a freeze: wait until the loop has read every
-        proc-connector event queued before now, so the tree knows each frozen process."""
+        proc-connector event queued before now, so the tree knows each frozen process. The cgroup
+        is frozen meanwhile, so waiting costs the bomb nothing; it normally ends within a loop
+        turn, and a loaded (or emulated) host needs longer than a few hundred ms."""
         t = self.clock()
         self.wake()
         deadline = time.monotonic() + max_wait_s

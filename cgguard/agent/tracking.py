@@ -139,12 +139,7 @@ class Tracking:
             rec = tree.get(pid)
             if rec is None or abs(rec.start_ns - st.start_ns) > tol:
                 return None
-            r = rec
-            while r is not None:
-                if r is origin_ref:
-                    return True
-                r = r.parent
-            return False
+            return lineage.descends_from(rec, origin_ref)
 
         return classify
 

@@ -730,6 +730,24 @@ class LineageTree:
 
 
 # -- walks and the seed's score (pure) -----------------------------------------------------
+def descends_from(rec: Record, origin: Record) -> bool | None:
+    """Does ``rec`` descend from ``origin``: True, False, or None when the tree cannot say.
+
+    Links the tree holds are facts (a FORK event, or /proc's parent while it lived). Above a root
+    record the ancestry is unknown: a root younger than the origin (a bomb's orphan first seen in
+    /proc after its parent exited, or a child whose parent's fork event was lost) may well be
+    one of the origin's, so it is None, never a false "innocent". A root older than the origin
+    cannot descend from it.
+    """
+    r = rec
+    while True:
+        if r is origin:
+            return True
+        if r.parent is None:
+            return False if r.start_ns + IDENTITY_TOLERANCE_NS < origin.start_ns else None
+        r = r.parent
+
+
 def within(cg: str, top: str, subtree: bool = True) -> bool:
     """Is cgroup ``cg`` the cgroup ``top`` or (with ``subtree``) below it? "" is the root."""
     top = top.strip("/")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cgguard.agent.status import tree_json
-from cgguard.state.lineage import FORGOTTEN, FREED, RESIGHT_EVERY, nr_processes, read_vmstat
+from cgguard.state.lineage import FORGOTTEN, FREED, RESIGHT_EVERY, descends_from, nr_processes, read_vmstat
 from lineage_sim import MS, S, FakeProcess, Sim, consistent
 
 
@@ -479,3 +479,56 @@ def test_an_outsider_that_execs_is_checked_at_its_first_fork():
         sim.fork(out)
     assert sim.proc.reads == reads
     consistent(t)
+
+
+# -- who descends from a bomb's origin (the surgical kill's question) -------------------------
+def test_descent_is_unknown_above_a_young_root_and_false_above_an_old_one():
+    sim = Sim()
+    innocent = sim.start("sleep", "sleep 600")
+    sim.tick(5 * S)
+    origin = sim.start("bash", "bash -c bomb")
+    kids = [sim.fork(origin) for _ in range(3)]
+    grandkid = sim.fork(kids[0])
+    # Events lost: a fork the tree never heard of, whose parent then exits. The child is an
+    # orphan of the bomb that the tree first sees from /proc, as a root of unknown ancestry.
+    sim.deliver = False
+    lost = sim.fork(kids[1])
+    sim.exit(kids[1])
+    sim.deliver = True
+    sim.resync()
+    t = sim.tree
+    o = t.get(origin)
+    assert descends_from(t.get(grandkid), o) is True
+    assert descends_from(t.get(kids[2]), o) is True
+    assert t.get(lost).parent is None
+    assert descends_from(t.get(lost), o) is None, "a young root may be the bomb's: not innocent"
+    assert descends_from(t.get(innocent), o) is False, "older than the origin: cannot descend"
+    # A neighbour started after the bomb by a tracked process of its own is known innocent.
+    helper = sim.spawn(innocent, "cat", "cat")
+    assert descends_from(t.get(helper), o) is False
+
+
+def test_surgical_members_take_unknown_orphans_and_spare_older_neighbours():
+    from cgguard.act import bomb_members
+    from cgguard.agent.tracking import Tracking
+
+    sim = Sim()
+    innocent = sim.start("sleep", "sleep 600")
+    sim.tick(5 * S)
+    origin = sim.start("bash", "bash -c bomb")
+    kid = sim.fork(origin)
+    sim.deliver = False
+    orphan = sim.fork(kid)
+    sim.exit(kid)
+    sim.deliver = True
+    sim.resync()
+    helper = sim.spawn(innocent, "cat", "cat")
+    o = sim.tree.get(origin)
+    tracking = Tracking.__new__(Tracking)  # only its tree is consulted
+    tracking.tree = sim.tree
+    classify = tracking.member_test(o)
+    procs = sim.fs.procs("sim")
+    stats = {pid: sim.proc.stat(pid) for pid in procs}
+    out, guessed = bomb_members(procs, frozenset({o.identity}), classify, o.start_ns, stats)
+    assert out == {origin, orphan} and guessed == 1
+    assert innocent not in out and helper not in out
