@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from agentproc import AgentProc, free_port
-from conftest import run_cli
+from conftest import run_cli, wait_until
 
 
 @pytest.fixture
@@ -154,12 +154,26 @@ def test_stale_socket_of_a_killed_agent_is_replaced(tmp_path, sandbox, agent_fac
     _status_works(first.sock, sandbox)  # the first is dead: the answer is the second's
 
 
+def _all_stopped(pid: int) -> bool:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue
+    return bool(states) and all(s in "tT" for s in states)
+
+
 def test_second_agent_refuses_while_the_first_is_stopped(tmp_path, sandbox, agent_factory):
     """A live agent that does not answer (stopped, or too busy to accept) still owns its socket."""
     sandbox.cgroup("calm")
     first = agent_factory([f"{sandbox.name}/*"])
     sock_before = _inode(first.sock)
     os.kill(first.proc.pid, signal.SIGSTOP)
+    # The stop reaches each thread on its way back to user space: until then its control thread
+    # may still accept one connection, freeing the slot the probe below would then take.
+    assert wait_until(lambda: _all_stopped(first.proc.pid)), "SIGSTOP did not stop every thread"
     clients = []
     try:
         # Fill its accept queue: then a connect neither succeeds nor is refused.
