@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cgguard.sinks")
 
+
 class Sink(Protocol):
     name: str
 
@@ -41,6 +42,22 @@ def incident_snapshot(inc: Incident) -> dict[str, Any]:
         elif isinstance(v, dict):
             d[k] = dict(v)
     return d
+
+
+class Counters:
+    """A sink's outcome counters, added to from its threads and read by the metrics."""
+
+    def __init__(self, *keys: str):
+        self._lock = threading.Lock()
+        self._c = dict.fromkeys(keys, 0)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
 
 
 class LogLimit:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cgguard.sinks import LogLimit, env_value, incident_snapshot, normal_priority
+from cgguard.sinks import Counters, LogLimit, env_value, incident_snapshot, normal_priority
 from cgguard.sinks.incidents import Incident
 
 log = logging.getLogger("cgguard.sinks.hooks")
@@ -102,7 +102,7 @@ class HookRunner:
         self._q: queue_mod.SimpleQueue[_Run | None] = queue_mod.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
-        self._counts = {"ok": 0, "failed": 0, "timeout": 0, "dropped": 0}
+        self._counts = Counters("ok", "failed", "timeout", "dropped")
         self._closed = False
         self._abort = False
         self._warn = LogLimit(log)
@@ -124,17 +124,18 @@ class HookRunner:
             rec = incident_snapshot(inc)
             for argv in self.commands:
                 with self._lock:
-                    if self._pending >= self.max_queue:
-                        self._counts["dropped"] += 1
-                        continue
-                    self._pending += 1
+                    full = self._pending >= self.max_queue
+                    if not full:
+                        self._pending += 1
+                if full:
+                    self._count("dropped")
+                    continue
                 self._q.put(_Run(argv, phase, rec))
         except Exception:  # never let a hook break the agent's loop
             log.exception("hooks: could not queue incident")
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        return self._counts.snapshot()
 
     def pending(self) -> int:
         """Runs queued and not yet started."""
@@ -168,8 +169,7 @@ class HookRunner:
 
     # -- the workers -------------------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
+        self._counts.add(key, n)
 
     def _work(self) -> None:
         normal_priority()

@@ -21,7 +21,7 @@ import urllib.parse
 from typing import Any
 
 from cgguard import __version__
-from cgguard.sinks import LogLimit, env_value, incident_snapshot, normal_priority
+from cgguard.sinks import Counters, LogLimit, env_value, incident_snapshot, normal_priority
 from cgguard.sinks.incidents import Incident
 
 log = logging.getLogger("cgguard.sinks.webhook")
@@ -87,8 +87,7 @@ class Webhook:
         self.max_backoff_s = max_backoff_s
         self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self._u.scheme == "https" else None)
         self._q: queue_mod.Queue[tuple[str, dict[str, Any]] | None] = queue_mod.Queue(maxsize=queue)
-        self._lock = threading.Lock()
-        self._counts = {"delivered": 0, "failed": 0, "dropped": 0, "retries": 0}
+        self._counts = Counters("delivered", "failed", "dropped", "retries")
         self._closed = False
         self._closing = threading.Event()
         self._abort = False
@@ -111,8 +110,7 @@ class Webhook:
             log.exception("webhook: could not queue incident")
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        return self._counts.snapshot()
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Stop retrying, send what is queued for most of ``timeout_s``, then abort the attempt
@@ -140,8 +138,7 @@ class Webhook:
 
     # -- the worker --------------------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
+        self._counts.add(key, n)
 
     def _work(self) -> None:
         normal_priority()
