@@ -150,23 +150,20 @@ class Sandbox:
             self._workloads.append(w)
         return w
 
-    def v1_current(self, w: Workload) -> int | None:
+    def _v1_read(self, w: Workload, name: str) -> int | None:
         if not w.v1_dir:
             return None
         try:
-            with open(os.path.join(w.v1_dir, "pids.current")) as f:
+            with open(os.path.join(w.v1_dir, name)) as f:
                 return int(f.read())
-        except OSError:
+        except (OSError, ValueError):
             return None
 
+    def v1_current(self, w: Workload) -> int | None:
+        return self._v1_read(w, "pids.current")
+
     def v1_peak(self, w: Workload) -> int | None:
-        if not w.v1_dir:
-            return None
-        try:
-            with open(os.path.join(w.v1_dir, "pids.peak")) as f:
-                return int(f.read())
-        except OSError:
-            return None
+        return self._v1_read(w, "pids.peak")
 
     def live_pids(self, w: Workload) -> list[int]:
         """Every process of the workload still alive, wherever cgguard may have moved it."""
