@@ -7,12 +7,14 @@ tops out at about 15k events/s -- a quarter of what a C fork loop produces -- an
 behind without bound.
 
 The socket is created and bound by pyroute2's ``ProcEventSocket`` (which picks a free netlink
-port id and joins the group); we take a duplicate of its descriptor and close the pyroute2 object
-so that its asyncio transport can never read our datagrams. If pyroute2 cannot be used the socket
-is opened directly; ``ProcConnector.socket_source`` says which happened. pyroute2 is imported only
-here, on first use; it costs the agent about 11 MiB of RSS (35.3 -> 46.6 MiB measured), which
-dropping its modules afterwards does not give back. ``use_pyroute2=False`` opens the same socket
-(same syscalls: the kernel picks the port id) without it.
+port id and joins the group) in a short-lived helper process, which hands the descriptor back over
+a socketpair (SCM_RIGHTS) and exits: importing pyroute2 (with asyncio, sqlite3 and psutil behind
+it) costs a process about 11 MiB of RSS that dropping its modules does not give back (35 -> 46 MiB
+measured for the agent), and the agent lives for months. A netlink socket belongs to its open
+file, not to the process that bound it, so it keeps its port id and membership. If the helper
+cannot run (no pyroute2, no interpreter to start) the socket is opened directly; the syscalls
+are the same. ``ProcConnector.socket_source`` says which happened; ``use_pyroute2=False`` skips
+the helper.
 
 Reading: one recvmmsg(2) call (through ctypes) fills up to ``BATCH_SLOTS`` fixed-size slots of a
 preallocated buffer, and one ``struct.iter_unpack`` over the filled slots feeds the single
@@ -48,6 +50,8 @@ import random
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -184,18 +188,54 @@ def _control_message(payload: bytes, ack: int, portid: int) -> bytes:
     return _NLHDR.pack(16 + len(cn) + len(payload), NLMSG_DONE, 0, 0, portid) + cn + payload
 
 
-def _open_with_pyroute2() -> socket.socket:
-    from pyroute2.netlink.connector.cn_proc import ProcEventSocket
+# Runs in the helper process: bind with pyroute2, pass the descriptor back, exit at once. pyroute2's
+# own event loop never runs there, so nothing else ever reads the socket; and os._exit skips its
+# clean-up, which would tell the kernel to stop sending events to the socket we now share.
+_PYROUTE2_HELPER = """
+import os, socket, sys
+from pyroute2.netlink.connector.cn_proc import ProcEventSocket
+ps = ProcEventSocket()
+ps.bind()
+back = socket.socket(fileno=int(sys.argv[1]))
+socket.send_fds(back, [b"ok"], [ps.asyncore.socket.fileno()])
+os._exit(0)
+"""
+HELPER_TIMEOUT_S = 60.0  # a loaded node may take long to start an interpreter; start-up only
 
-    ps = ProcEventSocket()
+
+def _open_with_pyroute2() -> socket.socket:
+    if not sys.executable:
+        raise OSError(errno.ENOENT, "no Python interpreter to run the pyroute2 helper")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        ps.bind()
-        # pyroute2 registers the socket with its own event loop, which would consume datagrams if
-        # that loop ever ran; a duplicate descriptor keeps the bound socket and membership.
-        fd = os.dup(ps.asyncore.socket.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PYROUTE2_HELPER, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        try:
+            ours.settimeout(HELPER_TIMEOUT_S)
+            _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+        except OSError:
+            fds = []
+        finally:
+            try:
+                _, err = proc.communicate(timeout=HELPER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        if not fds:
+            lines = (err or b"").decode(errors="replace").strip().splitlines()
+            raise OSError(errno.EIO, f"pyroute2 helper exited {proc.returncode}: {lines[-1] if lines else 'no descriptor'}")
+        for extra in fds[1:]:
+            os.close(extra)
+        return socket.socket(fileno=fds[0])
     finally:
-        ps.close()
-    return socket.socket(fileno=fd)
+        ours.close()
+        theirs.close()
 
 
 def _open_plain() -> socket.socket:
@@ -322,14 +362,13 @@ class ProcConnector:
                 raise
             if n < MSG_SIZE:
                 continue
-            what = _EVENT.unpack_from(self._buf, _EVENT_OFFSET)[1]
-            if what == PROC_EVENT_NONE:
-                if _ACK_FIELD.unpack_from(self._buf, _ACK_OFFSET)[0] == ack + 1:
-                    return _EVENT.unpack_from(self._buf, _EVENT_OFFSET)[4]  # event_data.ack.err
-                continue
-            # Real events that raced the ACK: keep them for the first read().
+            # Everything queued before the ACK goes to the first read(), ACKs included: they take
+            # sequence numbers too (below), and skipping one would look like a lost event.
             if len(self._early) < 65536:
                 self._early.append(bytes(self._buf[:n]))
+            what = _EVENT.unpack_from(self._buf, _EVENT_OFFSET)[1]
+            if what == PROC_EVENT_NONE and _ACK_FIELD.unpack_from(self._buf, _ACK_OFFSET)[0] == ack + 1:
+                return _EVENT.unpack_from(self._buf, _EVENT_OFFSET)[4]  # event_data.ack.err
 
     def _subscribe(self, filter_events: bool, events: int, timeout_s: float) -> str:
         if filter_events:
@@ -475,7 +514,10 @@ class ProcConnector:
         seqs = self._seq
         gaps = lost = 0
         for seq, what, cpu in _SLOT_SEQ.iter_unpack(events):
-            if what:
+            # ACKs (PROC_EVENT_NONE) to any listener's control message take a number of the
+            # CPU's sequence since Linux 5.x, which also sets their cpu; older kernels echo the
+            # sender's seq with cpu -1, which must not enter the sequence.
+            if what or cpu != 0xFFFFFFFF:
                 last = seqs.get(cpu)
                 seqs[cpu] = seq
                 if last is not None:

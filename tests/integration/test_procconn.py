@@ -106,6 +106,48 @@ def test_subscription_sees_fork_exec_exit_of_a_child():
         conn.close()
 
 
+def test_pyroute2_binds_in_a_helper_and_the_agent_never_imports_it():
+    """The socket comes from pyroute2, yet pyroute2's modules never load in the reading process."""
+    code = (
+        "import sys, subprocess, os\n"
+        "from cgguard.kernel.procconn import ProcConnector\n"
+        "c = ProcConnector()\n"
+        "p = subprocess.Popen(['/bin/true']); p.wait()\n"
+        "seen = []\n"
+        "class S:\n"
+        "    def on_fork(self, ts, pp, pt, cp, ct): seen.append(ct)\n"
+        "    def on_exec(self, *a): pass\n"
+        "    def on_exit(self, *a): pass\n"
+        "    def on_loss(self, r): pass\n"
+        "import time\n"
+        "end = time.monotonic() + 10\n"
+        "while p.pid not in seen and time.monotonic() < end:\n"
+        "    c.wait(0.05); c.read(S(), 4096)\n"
+        "print(c.stats.socket_source, p.pid in seen, sorted(m for m in sys.modules if m.startswith('pyroute2'))[:3])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    if "unavailable" in r.stderr:
+        pytest.skip(f"proc connector unavailable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["pyroute2", "True", "[]"], r.stdout
+
+
+def test_without_a_usable_helper_the_socket_is_opened_directly(monkeypatch):
+    import cgguard.kernel.procconn as pc
+
+    monkeypatch.setattr(pc.sys, "executable", "")
+    conn = connector()
+    try:
+        assert conn.socket_source == "socket"
+        p = subprocess.Popen(["/bin/true"])
+        p.wait()
+        sink = ListSink()
+        drain(conn, sink, until=lambda: any(e[0] == "exit" for e in sink.of(p.pid)))
+        assert [e[0] for e in sink.of(p.pid)][-1] == "exit"
+    finally:
+        conn.close()
+
+
 def test_legacy_subscription_tracks_sequence_numbers():
     conn = connector(filter_events=False)
     try:
