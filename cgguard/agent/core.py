@@ -52,6 +52,18 @@ ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
 
 
+def _profiler() -> Any:
+    """CGGUARD_PROFILE=FILE: profile the loop thread with cProfile, written to FILE at exit (for
+    ``cgguard bench``'s cost runs and by hand; the profiler slows the loop, so never in production)."""
+    if not os.environ.get("CGGUARD_PROFILE"):
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
 class IncidentSink(Protocol):
     """Told about every incident twice: when detected, and with its result."""
 
@@ -218,6 +230,7 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         self.notes += raise_thread_priority(self.cfg.realtime)
+        prof = _profiler()
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
         sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -236,6 +249,9 @@ class Agent:
             self.ready = False
             self._publish_status()
             sel.close()
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.environ["CGGUARD_PROFILE"])
 
     def _tick(self, now: int) -> None:
         for node in self.watcher.due(now):
