@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
@@ -47,6 +48,8 @@ from .worker import ActionWorker, Job
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
 LOOP_TICK_NS = 200 * MS
+SAMPLES_PER_TURN = 64
+LOOP_GIL_WAIT_S = 0.001
 ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
@@ -149,6 +152,8 @@ class Agent:
         self._next_age_ns = 0
         self._drained_ns = 0
         self._pc_last_ns = 0
+        self._pc_hot = False  # the last drain read events: drain again on the coalescing clock
+        self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -230,10 +235,20 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         self.notes += raise_thread_priority(self.cfg.realtime)
+        # The loop shares the GIL with the HTTP, control and sink threads: when it wakes while one
+        # of them runs Python, it gets the GIL after at most this long (default 5 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), LOOP_GIL_WAIT_S))
         prof = _profiler()
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
         sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        # While proc-connector events keep coming, waking up for the first datagram and then
+        # sleeping out the coalescing delay costs two wake-ups per drain. Instead the loop then
+        # waits on the other sources only, with the drain's deadline as the timeout: one wake-up
+        # per drain, and inotify (a kill's populated 0) is not held up by a sleep.
+        hot = selectors.DefaultSelector()
+        hot.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+        hot.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         if self.tracking is not None:
             sel.register(self.tracking.fileno(), selectors.EVENT_READ, self._on_procconn)
         try:
@@ -242,19 +257,30 @@ class Agent:
                 due = self.watcher.next_due_ns()
                 timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
                 timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
-                for key, _ in sel.select(timeout_ns / 1e9):
-                    key.data()
+                if self._pc_hot:
+                    drain_ns = self._pc_last_ns + PROCCONN_COALESCE_NS - now
+                    for key, _ in hot.select(max(0, min(timeout_ns, drain_ns)) / 1e9):
+                        key.data()
+                    if self._pc_hot and self.clock() >= self._pc_last_ns + PROCCONN_COALESCE_NS:
+                        self._drain()
+                else:
+                    for key, _ in sel.select(timeout_ns / 1e9):
+                        key.data()
                 self._tick(self.clock())
         finally:
             self.ready = False
             self._publish_status()
             sel.close()
+            hot.close()
             if prof is not None:
                 prof.disable()
                 prof.dump_stats(os.environ["CGGUARD_PROFILE"])
 
     def _tick(self, now: int) -> None:
-        for node in self.watcher.due(now):
+        # Calm cgroups fall due together on their shared grid (thousands at once on a big node):
+        # a bounded batch per turn, so the proc connector is drained between batches and a
+        # bomb's fork events are not held up behind a thousand calm samples.
+        for node in self.watcher.due(now, SAMPLES_PER_TURN):
             self._sample_and_check(node, now)
         for node in self.watcher.maybe_rescan_degraded(now):
             self._new_cgroup(node, now)
@@ -265,10 +291,14 @@ class Agent:
                 self._next_age_ns = now + self.tracking.reset_interval_ns
             else:
                 self._next_age_ns = now + self.cfg.tracking.reset_interval_ms * MS
-        for job, res in self.worker.results():
-            self._finish(job, res)
-        if self.control is not None:
-            self.control.serve_pending(self.handle_control)
+        if self._woken:
+            # The worker and the control server wake the loop after queueing something: their
+            # queues need no look (two lock round trips) on every other turn of the loop.
+            self._woken = False
+            for job, res in self.worker.results():
+                self._finish(job, res)
+            if self.control is not None:
+                self.control.serve_pending(self.handle_control)
         if self.board.wanted:
             self._publish_status()
 
@@ -279,6 +309,7 @@ class Agent:
             pass  # the pipe is full (a wake-up is pending anyway) or closed
 
     def _on_wake(self) -> None:
+        self._woken = True
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
@@ -353,22 +384,37 @@ class Agent:
         wait_ns = self._pc_last_ns + PROCCONN_COALESCE_NS - self.clock()
         if wait_ns > 0:
             time.sleep(wait_ns / 1e9)
+        self._drain()
+
+    def _drain(self) -> None:
+        tr = self.tracking
+        assert tr is not None
         t = self._pc_last_ns = self.clock()
-        touched, empty = self.tracking.drain()
+        stats = tr.conn.stats
+        before = stats.received + stats.lost_enobufs
+        touched, empty = tr.drain()
         if empty:
             self._drained_ns = t
+        # Events came: more are likely, so the loop drains again at the next coalescing
+        # deadline instead of waking for the next datagram (see run()).
+        self._pc_hot = stats.received + stats.lost_enobufs != before
         if not touched:
             return
         now = self.clock()
+        watcher = self.watcher
         nodes: dict[str, Node] = {}
         for cg in touched:
-            node = self.watcher.watched_ancestor(cg)
+            node = watcher.watched_ancestor(cg)
             if node is not None:
                 nodes[node.rel] = node
-                self.watcher.hint_active(node, now)
+                watcher.hint_active(node, now)
+        # No abandonment anywhere within the window: no cgroup can qualify (what qualifies()
+        # would find, without a pass over the tree's cgroups per touched cgroup).
+        if tr.tree.last_abandon_ns < now - tr.params.window_ms * MS:
+            return
         for node in nodes.values():
-            if not node.busy and self.tracking.qualifies(node.rel, now):
-                verdict = self.tracking.evaluate(node.rel, now)
+            if not node.busy and tr.qualifies(node.rel, now):
+                verdict = tr.evaluate(node.rel, now)
                 if verdict is not None:
                     self._on_verdict(node, verdict)
 

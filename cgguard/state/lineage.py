@@ -234,6 +234,10 @@ class LineageTree:
         self.negative_cache_size = negative_cache_size
         self._live: dict[int, Record] = {}
         self._cg: dict[str, CgStat] = {}
+        # cgstats() answers, valid while _cg_gen is unchanged (bumped when a CgStat is added to or
+        # dropped from _cg): the agent asks for a cgroup's subtree on every sample and drain.
+        self._cg_gen = 0
+        self._subtrees: dict[tuple[str, bool], tuple[int, list[CgStat]]] = {}
         self._neg: dict[int, _Family] = {}
         self._touched: set[CgStat] = set()
         self._images: list[Record] = []  # records whose image flush() reads
@@ -245,6 +249,9 @@ class LineageTree:
         self._last_allocstall = 0
         self.incomplete: set[str] = set()
         self.loss_pending = False
+        # Newest abandonment anywhere: lets the agent skip the lineage check after a burst of
+        # events when nothing abandoned within the window.
+        self.last_abandon_ns = -(1 << 62)
         self._stats = TreeStats()
 
     # -- EventSink -------------------------------------------------------------------------
@@ -389,6 +396,8 @@ class LineageTree:
         rec.abd = d
         cg = rec.cg
         cg.abandons.append((ts_ns, d, rec))
+        if ts_ns > self.last_abandon_ns:
+            self.last_abandon_ns = ts_ns
         self._touched.add(cg)
 
     def _detach(self, rec: Record) -> None:
@@ -422,8 +431,8 @@ class LineageTree:
                     nxt.prev_sib = prv
             cg = rec.cg
             cg.members.discard(rec)
-            if not cg.members and not cg.abandons:
-                self._cg.pop(cg.path, None)
+            if not cg.members and not cg.abandons and self._cg.pop(cg.path, None) is not None:
+                self._cg_gen += 1
             rec.parent = rec.prev_sib = rec.next_sib = None
             rec.flags |= FREED
             self._nrec -= 1
@@ -444,6 +453,7 @@ class LineageTree:
         cg = self._cg.get(cgroup)
         if cg is None:
             cg = self._cg[cgroup] = CgStat(sys.intern(cgroup))
+            self._cg_gen += 1
         return cg
 
     def _neg_add(self, tgid: int, fam: _Family) -> None:
@@ -606,6 +616,7 @@ class LineageTree:
                 cg.abandons.popleft()
             if not cg.members and not cg.abandons:
                 del self._cg[cg.path]
+                self._cg_gen += 1
         if not forget:
             return 0
         thresh = now - self.reset_interval_ns
@@ -633,7 +644,17 @@ class LineageTree:
         return self._live.get(tgid)
 
     def cgstats(self, cgroup: str, subtree: bool = True) -> list[CgStat]:
-        return [cg for path, cg in list(self._cg.items()) if within(path, cgroup, subtree)]
+        """The CgStats of ``cgroup`` (and, with ``subtree``, below it). The list is shared with
+        later calls until the set of cgroups changes: callers must not modify it."""
+        key = (cgroup, subtree)
+        hit = self._subtrees.get(key)
+        if hit is not None and hit[0] == self._cg_gen:
+            return hit[1]
+        found = [cg for path, cg in list(self._cg.items()) if within(path, cgroup, subtree)]
+        if len(self._subtrees) >= 65536:
+            self._subtrees.clear()  # cgroups come and go: keep the cache bounded
+        self._subtrees[key] = (self._cg_gen, found)
+        return found
 
     def records_in(self, cgroup: str, subtree: bool = True) -> Iterator[Record]:
         """Records (live and placeholders) whose cgroup is ``cgroup`` or, with ``subtree``, below it."""
