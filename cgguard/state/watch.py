@@ -46,6 +46,7 @@ PRESSURE_FAST = 0.5
 # With watches missing (max_user_watches reached), look for new cgroups this often.
 DEGRADED_RESCAN_NS = 2 * S
 V1_RETRY_NS = 200 * MS
+PARKED = 1 << 62  # due time of an empty cgroup: sampled again when it is populated
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
 
@@ -175,16 +176,22 @@ class Watcher:
 
     def rescan(self) -> list[Node]:
         """Reconcile with the tree after lost inotify events: add what is new, drop what is gone,
-        re-read every watched cgroup's state. Returns the watched cgroups added."""
+        re-read every watched cgroup's state. Returns the watched cgroups added, and those found
+        populated that were not (their "populated 1" may have been lost: they are sampled again)."""
         for node in [n for n in self.nodes.values() if n.rel and not os.path.isdir(self.fs.abspath(n.rel))]:
             if self.nodes.get(node.rel) is node:
                 self._remove(node)
         root = self.nodes.get("")
         added = self._scan(root) if root is not None else []
+        new = {id(n) for n in added}
+        woke = []
         for n in self.nodes.values():
             if n.watched:
+                was = n.populated
                 self._read_events(n)
-        return [n for n in added if n.watched]
+                if n.populated and not was and id(n) not in new:
+                    woke.append(n)
+        return [n for n in added if n.watched] + woke
 
     def maybe_rescan_degraded(self, now: int) -> list[Node]:
         if not self.missing_watches or now < self._next_degraded_rescan:
@@ -417,9 +424,10 @@ class Watcher:
             return due
         return None
 
-    def due(self, now: int) -> list[Node]:
-        out = []
-        while self._heap and self._heap[0][0] <= now:
+    def due(self, now: int, limit: int | None = None) -> list[Node]:
+        """Cgroups whose sample is due, earliest first; at most ``limit`` (the rest stay due)."""
+        out: list[Node] = []
+        while self._heap and self._heap[0][0] <= now and (limit is None or len(out) < limit):
             due, _, node = heapq.heappop(self._heap)
             if self.nodes.get(node.rel) is node and node.due_ns == due:
                 out.append(node)
@@ -484,6 +492,13 @@ class Watcher:
             interval = min(2 * node.interval_ns, self.sampling.calm_backoff_max_ms * MS)
         else:
             interval = slow
+        if tasks == 0 and not node.populated and node.events_wd is not None and now >= node.active_until_ns:
+            # Empty, and its cgroup.events watch says so: nothing can fork in it until a task
+            # enters, and that raises "populated 1", which samples it at once (hint_active; after
+            # an inotify overflow, rescan()). Thousands of empty cgroups then cost no wake-ups.
+            node.interval_ns = interval
+            node.due_ns = PARKED
+            return s
         self._schedule(node, now, interval)
         return s
 
