@@ -6,9 +6,9 @@ status`` or ``cgguard tree``. Nothing here runs on the detection path.
 
 from __future__ import annotations
 
+import os
+import resource
 from typing import TYPE_CHECKING, Any, Callable
-
-import psutil
 
 from cgguard.kernel.clock import MS
 from cgguard.state.lineage import (
@@ -61,21 +61,30 @@ def cgroup_status(n: Node, now_ns: int, workload: dict[str, Any] | None) -> Cgro
     )
 
 
-def build_status(agent: "Agent", *, workloads: bool = True, proc: psutil.Process | None = None) -> Status:
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def own_usage() -> tuple[float, int] | None:
+    """(CPU seconds, user + system, of the whole process; resident bytes) of this process, from
+    getrusage and /proc/self/statm: what psutil would say, without importing it into the agent."""
+    try:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        with open("/proc/self/statm", "rb") as f:
+            resident = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return ru.ru_utime + ru.ru_stime, resident * _PAGE
+
+
+def build_status(agent: "Agent", *, workloads: bool = True) -> Status:
     now = agent.clock()
     nodes = sorted(agent.watcher.watched(), key=lambda n: n.rel)
     cgroups = [cgroup_status(n, now, agent.workload(n.rel) if workloads else None) for n in nodes]
     by_state: dict[str, int] = {}
     for c in cgroups:
         by_state[c.state] = by_state.get(c.state, 0) + 1
-    cpu = rss = None
-    try:
-        p = proc or psutil.Process()
-        with p.oneshot():
-            t = p.cpu_times()
-            cpu, rss = t.user + t.system, p.memory_info().rss
-    except psutil.Error:
-        pass
+    usage = own_usage()
+    cpu, rss = usage if usage is not None else (None, None)
     tr = agent.tracking
     return Status(
         ready=agent.ready,

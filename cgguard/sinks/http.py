@@ -1,8 +1,16 @@
 """The agent's HTTP endpoint: /healthz, /readyz, /metrics (and extra read-only pages).
 
 Standard library only (``http.server``), one daemon thread for the listener and one per
-connection, so a slow scraper never blocks the agent's loops and the agent's exit never waits
-for a client. Access logging is off: a scrape every 15 s would otherwise fill the journal.
+connection (at most ``MAX_CONNECTIONS``; more wait in the listen backlog), so a slow scraper
+never blocks the agent's loops and the agent's exit never waits for a client. Access logging is
+off: a scrape every 15 s would otherwise fill the journal.
+
+Scrapers must never slow the detection loop, which shares the interpreter (and its GIL) with
+these threads. So requests are parsed and answered one at a time, at most one per
+``REQUEST_GAP_S`` (waiting clients block on a lock, which costs no CPU and holds no GIL), and
+the /metrics exposition is rendered at most once per ``RENDER_MAX_AGE_S`` and served from that
+copy in between (an incident renders it afresh). Prometheus scrapes every 15 s or so; eight
+clients scraping back to back then cost the agent about what a few hundred scrapes a second do.
 
 * ``/healthz`` -- 200 while the process serves HTTP at all (liveness: restart if this fails);
 * ``/readyz`` -- 200 when ``ready()`` is true, else 503 (readiness: the agent watches what it
@@ -15,7 +23,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cgguard.config import parse_listen
@@ -26,6 +36,54 @@ log = logging.getLogger(__name__)
 Page = Callable[[], tuple[int, str, bytes]]  # -> (status, content type, body)
 
 _TEXT = "text/plain; charset=utf-8"
+MAX_CONNECTIONS = 32  # connection threads at once; further clients wait to be accepted
+REQUEST_GAP_S = 0.005  # at most ~200 requests a second reach the interpreter
+RENDER_MAX_AGE_S = 1.0  # as the status board's: a newer render would show the same state
+
+
+class _Gate:
+    """One request at a time, and at least ``gap_s`` between two: the threads waiting here sleep
+    on a lock instead of competing with the detection loop for the GIL."""
+
+    def __init__(self, gap_s: float):
+        self._lock = threading.Lock()
+        self._gap_s = gap_s
+        self._next = 0.0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        wait = self._next - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    def __exit__(self, *exc: object) -> None:
+        self._next = time.monotonic() + self._gap_s
+        self._lock.release()
+
+
+class _Exposition:
+    """The last /metrics render per content type, reused while younger than ``max_age_s`` and no
+    incident was counted since (``Metrics.generation``)."""
+
+    def __init__(self, metrics: Metrics, max_age_s: float):
+        self._metrics = metrics
+        self._max_age_s = max_age_s
+        self._cache: dict[str | None, tuple[float, int, bytes, str]] = {}
+
+    def get(self, accept: str | None) -> tuple[bytes, str]:
+        # The Accept header picks the format (and its version and escaping): one copy per header
+        # seen, and scrapers send the same one every time.
+        key = accept
+        gen = getattr(self._metrics, "generation", 0)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self._max_age_s and hit[1] == gen:
+            return hit[2], hit[3]
+        body, ctype = self._metrics.render(accept)
+        if len(self._cache) >= 16:
+            self._cache.clear()
+        self._cache[key] = (now, gen, body, ctype)
+        return body, ctype
 
 
 class _Server(ThreadingHTTPServer):
@@ -34,7 +92,24 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], family: socket.AddressFamily):
         self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(addr, handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        # Blocks the listener (not the agent) while MAX_CONNECTIONS are served: a flood of
+        # connections waits in the backlog instead of costing a thread each.
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -67,6 +142,9 @@ class Server:
 
 
 def _handler(ready: Callable[[], bool], metrics: Metrics | None, extra: dict[str, Page]) -> type[BaseHTTPRequestHandler]:
+    gate = _Gate(REQUEST_GAP_S)
+    exposition = _Exposition(metrics, RENDER_MAX_AGE_S) if metrics is not None else None
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "cgguard"
         sys_version = ""
@@ -74,7 +152,35 @@ def _handler(ready: Callable[[], bool], metrics: Metrics | None, extra: dict[str
         timeout = 10  # a client that stalls mid-request loses its thread after this
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
-            log.debug("http: %s - %s", self.address_string(), format % args)
+            if log.isEnabledFor(logging.DEBUG):  # formatting every request costs the loop's GIL
+                log.debug("http: %s - %s", self.address_string(), format % args)
+
+        def handle_one_request(self) -> None:
+            """BaseHTTPRequestHandler's, with parsing and answering behind the gate; the answer
+            is written after it, so a client that reads slowly holds up nobody else."""
+            try:
+                self.raw_requestline = self.rfile.readline(65537)
+                if len(self.raw_requestline) > 65536:
+                    self.requestline = self.request_version = self.command = ""
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                    return
+                if not self.raw_requestline:
+                    self.close_connection = True
+                    return
+                with gate:
+                    if not self.parse_request():
+                        return  # parse_request sent the error
+                    if self.command not in ("GET", "HEAD"):
+                        self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+                        return
+                    answer = self._answer()
+                self._send(*answer, head=self.command == "HEAD")
+                self.wfile.flush()
+            except TimeoutError as e:
+                self.log_error("Request timed out: %r", e)
+                self.close_connection = True
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away; nothing to answer
 
         def _send(self, status: int, ctype: str, body: bytes, head: bool) -> None:
             self.send_response(status)
@@ -85,40 +191,27 @@ def _handler(ready: Callable[[], bool], metrics: Metrics | None, extra: dict[str
             if not head:
                 self.wfile.write(body)
 
-        def _route(self, head: bool) -> None:
+        def _answer(self) -> tuple[int, str, bytes]:
             path = self.path.split("?", 1)[0]
             try:
                 if path == "/healthz":
-                    self._send(200, _TEXT, b"ok\n", head)
-                elif path == "/readyz":
+                    return 200, _TEXT, b"ok\n"
+                if path == "/readyz":
                     try:
                         ok = bool(ready())
                     except Exception:
                         log.exception("http: ready() failed")
                         ok = False
-                    self._send(200 if ok else 503, _TEXT, b"ready\n" if ok else b"not ready\n", head)
-                elif path == "/metrics" and metrics is not None:
-                    body, ctype = metrics.render(self.headers.get("Accept"))
-                    self._send(200, ctype, body, head)
-                elif path in extra:
-                    status, ctype, body = extra[path]()
-                    self._send(status, ctype, body, head)
-                else:
-                    self._send(404, _TEXT, b"not found\n", head)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away; nothing to answer
+                    return (200, _TEXT, b"ready\n") if ok else (503, _TEXT, b"not ready\n")
+                if path == "/metrics" and exposition is not None:
+                    body, ctype = exposition.get(self.headers.get("Accept"))
+                    return 200, ctype, body
+                if path in extra:
+                    return extra[path]()
+                return 404, _TEXT, b"not found\n"
             except Exception as e:
                 log.exception("http: %s failed", path)
-                try:
-                    self._send(500, _TEXT, f"error: {type(e).__name__}\n".encode(), head)
-                except OSError:
-                    pass
-
-        def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-            self._route(head=False)
-
-        def do_HEAD(self) -> None:  # noqa: N802 (stdlib name)
-            self._route(head=True)
+                return 500, _TEXT, f"error: {type(e).__name__}\n".encode()
 
     return Handler
 

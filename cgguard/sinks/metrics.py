@@ -26,11 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import resource
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -56,6 +56,7 @@ from cgguard.state.status import CgroupStatus, Status, StatusBoard
 log = logging.getLogger(__name__)
 
 TOP_CGROUPS = 50
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 OTHER = "_other"
 
 # The (action, result) pairs the agent produces (cgguard.act, cgguard.agent), pre-initialised
@@ -177,7 +178,6 @@ class _StatusCollector(Collector):
         self._board = board
         self._top_n = top_n
         self._errors = 0
-        self._proc = psutil.Process()
         self._build = {"version": __version__, "python": platform.python_version(), "kernel": os.uname().release}
 
     def describe(self) -> list[Metric]:
@@ -202,13 +202,14 @@ class _StatusCollector(Collector):
             yield from self._state(st)
 
     def _process(self) -> Iterator[Metric]:
+        # getrusage and /proc/self/statm: psutil's figures, without psutil in the agent (RSS).
         try:
-            with self._proc.oneshot():
-                t = self._proc.cpu_times()
-                rss = self._proc.memory_info().rss
-        except psutil.Error:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            with open("/proc/self/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
             return
-        yield CounterMetricFamily(_base("cgguard_agent_cpu_seconds_total"), _HELP["cgguard_agent_cpu_seconds_total"], value=t.user + t.system)
+        yield CounterMetricFamily(_base("cgguard_agent_cpu_seconds_total"), _HELP["cgguard_agent_cpu_seconds_total"], value=ru.ru_utime + ru.ru_stime)
         yield GaugeMetricFamily("cgguard_agent_resident_memory_bytes", _HELP["cgguard_agent_resident_memory_bytes"], value=rss)
 
     def _state(self, st: Status) -> Iterator[Metric]:
@@ -302,9 +303,12 @@ class Metrics:
             "cgguard_removal_latency_seconds", _HELP["cgguard_removal_latency_seconds"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.registry.register(_StatusCollector(board, top_n))
+        # Bumped by every incident: a rendered exposition older than that is stale.
+        self.generation = 0
 
     def incident(self, inc: Incident) -> None:
         """IncidentSink: count an incident once, with its result, and observe its latencies."""
+        self.generation += 1  # the HTTP endpoint's rendered copy is out of date
         if inc.result == "detected":
             return
         self.count(inc.action, inc.result, inc.detect_ms, inc.remove_ms, inc.workload)
@@ -318,6 +322,7 @@ class Metrics:
         workload: dict[str, Any] | None,
     ) -> None:
         """Count one incident and observe its latencies (None: not measured, e.g. report-only)."""
+        self.generation += 1
         self.incidents.labels(action, result).inc()
         kind = workload.get("kind") if isinstance(workload, dict) else None
         self.incidents_by_kind.labels(kind if kind in KINDS else "cgroup").inc()

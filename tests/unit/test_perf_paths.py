@@ -1,0 +1,155 @@
+"""The agent's cheap paths give the answers of the slow ones they replace (no speed asserted here:
+speed belongs in ``cgguard bench --cost``)."""
+
+from __future__ import annotations
+
+from cgguard.agent.status import own_usage
+from cgguard.detect.lineage import qualifies
+from cgguard.config import LineageDetect
+from cgguard.state.lineage import within
+from lineage_sim import MS, Sim
+
+
+def brute_cgstats(tree, cgroup, subtree=True):
+    return sorted((cg.path for path, cg in tree._cg.items() if within(path, cgroup, subtree)))
+
+
+def test_cgstats_follows_cgroups_that_come_and_go():
+    sim = Sim()
+    t = sim.tree
+    a = sim.start("sh", "sh", cgroup="sim/a")
+    assert [cg.path for cg in t.cgstats("sim")] == ["sim/a"]
+    b = sim.start("sh", "sh", cgroup="sim/a/b")
+    kid = sim.fork(b)
+    for q in ("sim", "sim/a", "sim/a/b", "sim/c"):
+        for sub in (True, False):
+            assert sorted(cg.path for cg in t.cgstats(q, sub)) == brute_cgstats(t, q, sub)
+    assert t.tasks_in("sim/a") == 3 and t.tasks_in("sim/a/b") == 2
+    c = sim.start("sh", "sh", cgroup="sim/c")
+    assert sorted(cg.path for cg in t.cgstats("sim")) == ["sim/a", "sim/a/b", "sim/c"]
+    # the last records of sim/a/b go: its CgStat is dropped, and the answers follow
+    sim.exit(kid)
+    sim.exit(b)
+    assert "sim/a/b" not in t._cg
+    assert sorted(cg.path for cg in t.cgstats("sim")) == brute_cgstats(t, "sim") == ["sim/a", "sim/c"]
+    assert t.tasks_in("sim/a") == 1 and t.births_in("sim/a/b") == 0
+    sim.exit(a)
+    sim.exit(c)
+    assert t.cgstats("sim") == []
+
+
+def test_last_abandonment_bounds_what_qualifies_can_find():
+    """The agent skips qualifies() when no abandonment is younger than the window: then no
+    cgroup can qualify. A bomb that abandons makes it recent, and qualifies() finds it."""
+    sim = Sim()
+    t = sim.tree
+    p = LineageDetect()
+    assert t.last_abandon_ns < sim.t - p.window_ms * MS
+    sh = sim.start("bash", "bash")
+    waited = sim.fork(sh)
+    sim.exit(waited)  # exits childless: no abandonment
+    assert t.last_abandon_ns < 0
+    # the classic bomb's shape: every member forks two and exits
+    frontier = [sim.fork(sh)]
+    for _ in range(6):
+        nxt = []
+        for m in frontier:
+            nxt += [sim.fork(m, dt=MS), sim.fork(m, dt=MS)]
+            sim.exit(m)
+        frontier = nxt
+    assert t.last_abandon_ns == max(ts for cg in t._cg.values() for ts, _, _ in cg.abandons)
+    assert t.last_abandon_ns >= sim.t - p.window_ms * MS
+    assert qualifies(t, "sim", sim.t, p)
+    # later than the window: nothing can qualify, and the skip agrees
+    sim.tick(p.window_ms * MS + 1)
+    assert t.last_abandon_ns < sim.t - p.window_ms * MS
+    assert not qualifies(t, "sim", sim.t, p)
+
+
+def test_own_usage_reads_this_process():
+    cpu, rss = own_usage()
+    sum(i * i for i in range(200_000))  # some CPU
+    cpu2, rss2 = own_usage()
+    assert cpu2 > cpu > 0
+    assert rss > 1 << 20 and rss2 > 1 << 20
+
+
+# -- the HTTP endpoint under many scrapers -------------------------------------------------------
+def _metrics_server():
+    import test_metrics as tm
+
+    from cgguard.sinks.http import serve
+    from cgguard.sinks.metrics import Metrics
+
+    m = Metrics(tm.board_of(tm.full_status(500)))
+    renders = []
+    real = m.render
+
+    def counted(accept=None):
+        renders.append(accept)
+        return real(accept)
+
+    m.render = counted  # type: ignore[method-assign]
+    return tm, m, renders, serve("127.0.0.1:0", lambda: True, m)
+
+
+def test_concurrent_scrapers_all_get_the_exposition_rendered_once_a_second():
+    import concurrent.futures
+    import time
+
+    tm, m, renders, srv = _metrics_server()
+    try:
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(40) as ex:
+            answers = list(ex.map(lambda _: tm.get(srv.url + "/metrics"), range(120)))
+        elapsed = time.monotonic() - t0
+        assert all(status == 200 and ctype.startswith("text/plain") for status, ctype, _ in answers)
+        bodies = {body for _, _, body in answers}
+        for body in bodies:  # every answer is a whole, valid exposition
+            assert tm.value(tm.parse(body.decode()), "cgguard_watched_cgroups") == 500
+        assert 1 <= len(renders) <= 1 + int(elapsed)
+        # the OpenMetrics format is its own copy
+        status, ctype, body = tm.get(srv.url + "/metrics", accept="application/openmetrics-text; version=1.0.0")
+        assert status == 200 and ctype.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    finally:
+        srv.close()
+
+
+def test_an_incident_shows_in_the_next_scrape_despite_the_cached_copy():
+    tm, m, renders, srv = _metrics_server()
+    try:
+        before = tm.parse(tm.get(srv.url + "/metrics")[2].decode())
+        key = dict(action="kill-cgroup", result="removed")
+        m.incident(tm.incident("kill-cgroup", "removed", 30.0, 7.0, None))
+        after = tm.parse(tm.get(srv.url + "/metrics")[2].decode())
+        assert tm.value(after, "cgguard_incidents_total", **key) == tm.value(before, "cgguard_incidents_total", **key) + 1
+        assert len(renders) == 2
+    finally:
+        srv.close()
+
+
+def test_bad_requests_on_a_kept_alive_connection_do_not_block_others():
+    import http.client
+    import socket
+
+    tm, m, renders, srv = _metrics_server()
+    try:
+        # a client that sends a broken request line gets 400, one that sends POST gets 501
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(b"GARBAGE\r\n\r\n")
+            assert b" 400 " in s.recv(4096).split(b"\r\n")[0]
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        c.request("POST", "/metrics", body=b"x")
+        r = c.getresponse()
+        r.read()
+        assert r.status == 501
+        c.close()
+        # a client that connects and says nothing holds its own thread, not the endpoint
+        idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        try:
+            assert tm.get(srv.url + "/healthz")[0] == 200
+            assert tm.get(srv.url + "/metrics")[0] == 200
+        finally:
+            idle.close()
+    finally:
+        srv.close()
