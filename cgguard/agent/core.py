@@ -41,7 +41,7 @@ from cgguard.state.watch import Node, Watcher
 from . import policy
 from .control import ControlServer
 from .host import protect_process, raise_thread_priority, sd_notify
-from .status import build_status
+from .status import build_status, status_dict
 from .tracking import Tracking, TrackingUnavailable
 from .worker import ActionWorker, Job
 
@@ -706,7 +706,7 @@ class Agent:
     def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, "status": build_status(self).to_dict()}
+            return {"ok": True, "status": status_dict(build_status(self))}
         if cmd == "tree":
             if self.tracking is None:
                 return {"ok": False, "error": f"process tracking is {self.tracking_note}"}

@@ -6,6 +6,7 @@ status`` or ``cgguard tree``. Nothing here runs on the detection path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 from typing import TYPE_CHECKING, Any, Callable
@@ -112,6 +113,34 @@ def build_status(agent: "Agent", *, workloads: bool = True) -> Status:
         sinks={s.name: s.stats() for s in agent.sinks if hasattr(s, "stats") and hasattr(s, "name")},
         notes=list(agent.notes) + degraded_notes(agent),
     )
+
+
+_CGROUP_FIELDS = tuple(f.name for f in dataclasses.fields(CgroupStatus))
+_STATUS_FIELDS = tuple(f.name for f in dataclasses.fields(Status))
+
+
+def _flat(obj: Any) -> dict[str, Any]:
+    d = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for k, v in d.items():
+        if isinstance(v, (list, dict)):
+            d[k] = type(v)(v)
+    return d
+
+
+def status_dict(st: Status) -> dict[str, Any]:
+    """``Status.to_dict()`` for the control socket, without dataclasses.asdict's deep copy: with
+    10,000 cgroups that copy took the loop most of a second per ``cgguard status``. Equal to
+    to_dict(); the workload dicts are shared (the agent never changes one once made), the rest
+    is fresh."""
+    d: dict[str, Any] = {name: getattr(st, name) for name in _STATUS_FIELDS}
+    d["cgroups"] = [{name: getattr(c, name) for name in _CGROUP_FIELDS} for c in st.cgroups]
+    for name in ("connector", "tracking", "incidents"):
+        d[name] = _flat(d[name])
+    for name in ("watch", "protect", "notes"):
+        d[name] = list(d[name])
+    d["by_state"] = dict(d["by_state"])
+    d["sinks"] = {k: dict(v) for k, v in d["sinks"].items()}
+    return d
 
 
 def degraded_notes(agent: "Agent") -> list[str]:

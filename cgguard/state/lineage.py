@@ -234,10 +234,10 @@ class LineageTree:
         self.negative_cache_size = negative_cache_size
         self._live: dict[int, Record] = {}
         self._cg: dict[str, CgStat] = {}
-        # cgstats() answers, valid while _cg_gen is unchanged (bumped when a CgStat is added to or
-        # dropped from _cg): the agent asks for a cgroup's subtree on every sample and drain.
-        self._cg_gen = 0
-        self._subtrees: dict[tuple[str, bool], tuple[int, list[CgStat]]] = {}
+        # cgroup -> the CgStats at or below it, in creation order (as _cg): the agent asks for a
+        # cgroup's subtree on every sample, and a pass over every tracked cgroup per question
+        # made a start with 10,000 watched cgroups, 1,000 of them populated, quadratic.
+        self._under: dict[str, dict[str, CgStat]] = {}
         self._neg: dict[int, _Family] = {}
         self._touched: set[CgStat] = set()
         self._images: list[Record] = []  # records whose image flush() reads
@@ -432,7 +432,7 @@ class LineageTree:
             cg = rec.cg
             cg.members.discard(rec)
             if not cg.members and not cg.abandons and self._cg.pop(cg.path, None) is not None:
-                self._cg_gen += 1
+                self._unindex(cg)
             rec.parent = rec.prev_sib = rec.next_sib = None
             rec.flags |= FREED
             self._nrec -= 1
@@ -453,8 +453,28 @@ class LineageTree:
         cg = self._cg.get(cgroup)
         if cg is None:
             cg = self._cg[cgroup] = CgStat(sys.intern(cgroup))
-            self._cg_gen += 1
+            self._index(cg)
         return cg
+
+    @staticmethod
+    def _prefixes(path: str) -> Iterator[str]:
+        """The cgroup and each of its ancestors, the root ("") last."""
+        while path:
+            yield path
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+        yield ""
+
+    def _index(self, cg: CgStat) -> None:
+        for prefix in self._prefixes(cg.path):
+            self._under.setdefault(prefix, {})[cg.path] = cg
+
+    def _unindex(self, cg: CgStat) -> None:
+        for prefix in self._prefixes(cg.path):
+            under = self._under.get(prefix)
+            if under is not None:
+                under.pop(cg.path, None)
+                if not under:
+                    del self._under[prefix]
 
     def _neg_add(self, tgid: int, fam: _Family) -> None:
         neg = self._neg
@@ -616,7 +636,7 @@ class LineageTree:
                 cg.abandons.popleft()
             if not cg.members and not cg.abandons:
                 del self._cg[cg.path]
-                self._cg_gen += 1
+                self._unindex(cg)
         if not forget:
             return 0
         thresh = now - self.reset_interval_ns
@@ -644,17 +664,12 @@ class LineageTree:
         return self._live.get(tgid)
 
     def cgstats(self, cgroup: str, subtree: bool = True) -> list[CgStat]:
-        """The CgStats of ``cgroup`` (and, with ``subtree``, below it). The list is shared with
-        later calls until the set of cgroups changes: callers must not modify it."""
-        key = (cgroup, subtree)
-        hit = self._subtrees.get(key)
-        if hit is not None and hit[0] == self._cg_gen:
-            return hit[1]
-        found = [cg for path, cg in list(self._cg.items()) if within(path, cgroup, subtree)]
-        if len(self._subtrees) >= 65536:
-            self._subtrees.clear()  # cgroups come and go: keep the cache bounded
-        self._subtrees[key] = (self._cg_gen, found)
-        return found
+        """The CgStats of ``cgroup`` (and, with ``subtree``, below it), in creation order."""
+        top = cgroup.strip("/")
+        if not subtree:
+            cg = self._cg.get(top)
+            return [cg] if cg is not None else []
+        return list(self._under.get(top, {}).values())
 
     def records_in(self, cgroup: str, subtree: bool = True) -> Iterator[Record]:
         """Records (live and placeholders) whose cgroup is ``cgroup`` or, with ``subtree``, below it."""

@@ -11,7 +11,9 @@ from lineage_sim import MS, Sim
 
 
 def brute_cgstats(tree, cgroup, subtree=True):
-    return sorted((cg.path for path, cg in tree._cg.items() if within(path, cgroup, subtree)))
+    """What cgstats() answered before it had an index: a pass over every CgStat, in _cg's order
+    (detectors break ties by that order)."""
+    return [cg.path for path, cg in tree._cg.items() if within(path, cgroup, subtree)]
 
 
 def test_cgstats_follows_cgroups_that_come_and_go():
@@ -23,7 +25,7 @@ def test_cgstats_follows_cgroups_that_come_and_go():
     kid = sim.fork(b)
     for q in ("sim", "sim/a", "sim/a/b", "sim/c"):
         for sub in (True, False):
-            assert sorted(cg.path for cg in t.cgstats(q, sub)) == brute_cgstats(t, q, sub)
+            assert [cg.path for cg in t.cgstats(q, sub)] == brute_cgstats(t, q, sub)
     assert t.tasks_in("sim/a") == 3 and t.tasks_in("sim/a/b") == 2
     c = sim.start("sh", "sh", cgroup="sim/c")
     assert sorted(cg.path for cg in t.cgstats("sim")) == ["sim/a", "sim/a/b", "sim/c"]
@@ -31,7 +33,8 @@ def test_cgstats_follows_cgroups_that_come_and_go():
     sim.exit(kid)
     sim.exit(b)
     assert "sim/a/b" not in t._cg
-    assert sorted(cg.path for cg in t.cgstats("sim")) == brute_cgstats(t, "sim") == ["sim/a", "sim/c"]
+    assert [cg.path for cg in t.cgstats("sim")] == brute_cgstats(t, "sim") == ["sim/a", "sim/c"]
+    assert [cg.path for cg in t.cgstats("")] == brute_cgstats(t, "") and t.cgstats("/sim/a/") == t.cgstats("sim/a")
     assert t.tasks_in("sim/a") == 1 and t.births_in("sim/a/b") == 0
     sim.exit(a)
     sim.exit(c)
@@ -153,3 +156,25 @@ def test_bad_requests_on_a_kept_alive_connection_do_not_block_others():
             idle.close()
     finally:
         srv.close()
+
+
+def test_status_dict_equals_to_dict():
+    import dataclasses
+
+    import test_metrics as tm
+    from cgguard.agent.status import status_dict
+    from cgguard.state.status import Status
+
+    st = tm.full_status(40)
+    st.watch, st.protect, st.notes = ["a/**"], ["a/keep"], ["a note"]
+    st.tracking.incomplete = ["a/b"]
+    d = status_dict(st)
+    assert d == st.to_dict() == dataclasses.asdict(st)
+    assert Status.from_dict(d) == st
+    # containers are the reply's own: changing them changes nothing in the status
+    d["cgroups"].clear()
+    d["watch"].append("x")
+    d["sinks"]["journal"]["sent"] = -1
+    d["tracking"]["incomplete"].append("y")
+    assert len(st.cgroups) == 40 and st.watch == ["a/**"] and st.sinks["journal"]["sent"] == 4
+    assert st.tracking.incomplete == ["a/b"]
