@@ -47,6 +47,8 @@ from .worker import ActionWorker, Job
 
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
+# Between drains that show no abandonment in a watched cgroup: see _drain().
+PROCCONN_CALM_COALESCE_NS = 10 * MS
 LOOP_TICK_NS = 200 * MS
 SAMPLES_PER_TURN = 64
 LOOP_GIL_WAIT_S = 0.001
@@ -153,6 +155,7 @@ class Agent:
         self._drained_ns = 0
         self._pc_last_ns = 0
         self._pc_hot = False  # the last drain read events: drain again on the coalescing clock
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
         self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
 
     # -- set-up ----------------------------------------------------------------------------
@@ -258,10 +261,10 @@ class Agent:
                 timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
                 timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
                 if self._pc_hot:
-                    drain_ns = self._pc_last_ns + PROCCONN_COALESCE_NS - now
+                    drain_ns = self._pc_last_ns + self._pc_coalesce_ns - now
                     for key, _ in hot.select(max(0, min(timeout_ns, drain_ns)) / 1e9):
                         key.data()
-                    if self._pc_hot and self.clock() >= self._pc_last_ns + PROCCONN_COALESCE_NS:
+                    if self._pc_hot and self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
                         self._drain()
                 else:
                     for key, _ in sel.select(timeout_ns / 1e9):
@@ -381,7 +384,7 @@ class Agent:
         # Coalesce: under steady fork load the socket turns readable for every event, and a
         # wake-up per event costs more than the event. Waiting until 2 ms after the last drain
         # batches them (a bomb doubling every ~10 ms is seen 2 ms later at most).
-        wait_ns = self._pc_last_ns + PROCCONN_COALESCE_NS - self.clock()
+        wait_ns = self._pc_last_ns + self._pc_coalesce_ns - self.clock()
         if wait_ns > 0:
             time.sleep(wait_ns / 1e9)
         self._drain()
@@ -398,9 +401,19 @@ class Agent:
         # Events came: more are likely, so the loop drains again at the next coalescing
         # deadline instead of waking for the next datagram (see run()).
         self._pc_hot = stats.received + stats.lost_enobufs != before
+        now = self.clock()
+        horizon = now - tr.params.window_ms * MS
+        # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
+        # a few generations deep. While the watched cgroups that forked show no abandonment
+        # within the window -- builds, xargs, fork loops, and every process outside the watch --
+        # the loop drains every 10 ms instead: the cost of a drain is mostly the wake-up itself.
+        # The first abandonment seen switches back to 2 ms; budget and trajectory rules sample
+        # on their own schedule, which a first fork still starts (hint_active) at most 10 ms late.
+        self._pc_coalesce_ns = (
+            PROCCONN_COALESCE_NS if touched and tr.tree.abandoned_recently(touched, horizon) else PROCCONN_CALM_COALESCE_NS
+        )
         if not touched:
             return
-        now = self.clock()
         watcher = self.watcher
         nodes: dict[str, Node] = {}
         for cg in touched:
@@ -410,7 +423,7 @@ class Agent:
                 watcher.hint_active(node, now)
         # No abandonment anywhere within the window: no cgroup can qualify (what qualifies()
         # would find, without a pass over the tree's cgroups per touched cgroup).
-        if tr.tree.last_abandon_ns < now - tr.params.window_ms * MS:
+        if tr.tree.last_abandon_ns < horizon:
             return
         for node in nodes.values():
             if not node.busy and tr.qualifies(node.rel, now):

@@ -598,6 +598,16 @@ class LineageTree:
         rec.flags &= ~STALE
         return True
 
+    def abandoned_recently(self, cgroups: Iterable[str], since_ns: int) -> bool:
+        """Did any of these cgroups see an abandonment at or after ``since_ns``?"""
+        if self.last_abandon_ns < since_ns:
+            return False
+        for path in cgroups:
+            cg = self._cg.get(path)
+            if cg is not None and cg.abandons and cg.abandons[-1][0] >= since_ns:
+                return True
+        return False
+
     def take_activity(self) -> set[str]:
         """Cgroups whose tracked processes forked, made threads or abandoned children since the
         last call."""

@@ -158,6 +158,24 @@ def test_bad_requests_on_a_kept_alive_connection_do_not_block_others():
         srv.close()
 
 
+def test_abandoned_recently_is_per_cgroup_and_windowed():
+    sim = Sim()
+    t = sim.tree
+    quiet = sim.start("sh", "sh", cgroup="sim/quiet")
+    for _ in range(5):
+        sim.exit(sim.fork(quiet))  # waits for its children: never abandons
+    bomb = sim.start("bash", "bash", cgroup="sim/bomb")
+    kid = sim.fork(bomb)
+    sim.fork(kid)
+    sim.exit(kid)  # exits while its child runs: an abandonment in sim/bomb
+    since = sim.t - 5000 * MS
+    assert t.abandoned_recently(["sim/bomb"], since)
+    assert t.abandoned_recently(["sim/quiet", "sim/bomb"], since)
+    assert not t.abandoned_recently(["sim/quiet"], since)
+    assert not t.abandoned_recently(["sim/nowhere"], since)
+    assert not t.abandoned_recently(["sim/bomb"], sim.t + 1)  # older than the window
+
+
 def test_status_dict_equals_to_dict():
     import dataclasses
 
