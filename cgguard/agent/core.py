@@ -568,6 +568,12 @@ class Agent:
         if d.kills:
             self.kill_budgets.take(tenant)
         inc = self._incident(target, d, tenant, wl)
+        kill_error: CgroupError | None = None
+        if d.acts and d.action == Action.kill_cgroup:
+            # cgroup.kill first: the write returns at once and the bomb stops forking, while the
+            # log line, the fsynced detection record and the sinks take a millisecond or more. The
+            # incident keeps the verdict's time; a crash in between loses the record, not the kill.
+            kill_error = self._write_kill(target.rel)
         log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
         self._record(inc, final=False)
         self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
@@ -580,19 +586,25 @@ class Agent:
         v = d.verdict
         job = Job(inc, target.rel, d, classify=tr.member_test(v.origin_ref) if tr else None, settle=self._settle if tr else None)
         if d.action == Action.kill_cgroup:
-            self._kill_now(target, job, now)
+            self._kill_now(target, job, now, kill_error)
         else:
             self.worker.submit(job)
 
-    def _kill_now(self, target: Node, job: Job, now: int) -> None:
-        before = target.last_tasks
+    def _write_kill(self, rel: str) -> CgroupError | None:
         try:
-            self.fs.kill(target.rel)
-        except CgroupGone:
+            self.fs.kill(rel)
+        except CgroupError as e:
+            return e
+        return None
+
+    def _kill_now(self, target: Node, job: Job, now: int, error: CgroupError | None) -> None:
+        """Follow a kill written by _write_kill: its end is the cgroup's populated 0."""
+        before = target.last_tasks
+        if isinstance(error, CgroupGone):
             self._finish(job, ActionResult("kill-cgroup", "gone", 0.0, 0, before))
             return
-        except CgroupError as e:
-            self._finish(job, ActionResult("kill-cgroup", "failed", None, None, before, notes=[str(e)]))
+        if error is not None:
+            self._finish(job, ActionResult("kill-cgroup", "failed", None, None, before, notes=[str(error)]))
             return
         timeout = self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
         self._kills[target.rel] = PendingKill(job, now, now + timeout, before)
