@@ -82,3 +82,50 @@ def test_rescan_wakes_a_parked_cgroup_whose_populated_event_was_lost(cgfs, sandb
         if wl is not None:
             sandbox.kill(wl)
         w.close()
+
+
+def test_overflow_batch_rescans_once_and_reports_lost_populated_0(cgfs, sandbox):
+    """A batch with a queue overflow: one rescan adds what appeared (not once more per CREATE event
+    of the batch), and a cgroup that emptied meanwhile (a kill's end) is reported as an event."""
+    from inotify_simple import Event, flags
+
+    base = sandbox.cgroup("ovf")
+    busy = f"{base}/busy"
+    os.mkdir(cgfs.abspath(busy))
+    wl = sandbox.spawn(["sleep", "30"], busy, deadline_s=40, cap=8)
+    try:
+        assert wait_for(lambda: cgfs.populated(busy))
+        w = watcher(cgfs, [f"{base}/*"])
+        w.start()
+        try:
+            n = w.nodes[busy]
+            assert n.populated
+            os.mkdir(cgfs.abspath(f"{base}/new1"))
+            sandbox.kill(wl)
+            assert wait_for(lambda: not cgfs.populated(busy))
+            # the CREATE and the populated 0, as the kernel queues them (cgroup.events notifies
+            # from a work item: a little later)
+            real: list = []
+            assert wait_for(lambda: real.extend(w.inotify.read(timeout=0)) or any(ev.wd == n.events_wd for ev in real))
+            dir_wd = w.nodes[base].dir_wd
+            # the populated 0 of busy is among the events the overflow lost
+            batch = [ev for ev in real if ev.wd != n.events_wd] + [Event(wd=-1, mask=flags.Q_OVERFLOW, cookie=0, name="")]
+            w.inotify.read = lambda timeout=0: batch  # type: ignore[method-assign]
+            added = []
+            orig_add = w._add
+
+            def counting_add(rel, parent):
+                added.append(rel)
+                return orig_add(rel, parent)
+
+            w._add = counting_add  # type: ignore[method-assign]
+            out = w.handle_inotify()
+            assert any(ev.wd == dir_wd for ev in real), "the CREATE event was queued"
+            assert added.count(f"{base}/new1") == 1
+            assert (w.nodes[f"{base}/new1"], "added") in out
+            assert (n, "events") in out and not n.populated
+            assert w.overflows == 1
+        finally:
+            w.close()
+    finally:
+        sandbox.kill(wl)
