@@ -195,19 +195,29 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def inotify_inodes(pid: int) -> set[int]:
-    """Inodes the process holds inotify watches on (from /proc/<pid>/fdinfo)."""
-    out: set[int] = set()
+def inotify_fdinfos(pid: int) -> list[str]:
+    """/proc/<pid>/fdinfo files of the process's inotify descriptors."""
+    out = []
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("inotify wd:"):
-                        ino = line.split("ino:", 1)[1].split()[0]
-                        out.add(int(ino, 16))
-        except (OSError, ValueError, IndexError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                out.append(f"/proc/{pid}/fdinfo/{fd}")
+        except OSError:
             continue
     return out
+
+
+def watches_inode(fdinfos: list[str], ino: int) -> bool:
+    """Does one of these inotify descriptors hold a watch on inode ``ino``?"""
+    needle = f" ino:{ino:x} ".encode()
+    for path in fdinfos:
+        try:
+            with open(path, "rb") as f:
+                if needle in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
@@ -578,13 +588,16 @@ class Cost:
             self.drop_calm(base)
 
     def _new_cgroup_s(self, a: AgentProcess, rel: str, timeout: float = 10) -> float | None:
+        """mkdir -> the agent holds an inotify watch on the new cgroup's cgroup.events (what it
+        needs to follow it; its first sample comes with populated 1)."""
+        infos = inotify_fdinfos(a.proc.pid)
         t0 = time.monotonic()
         self.fs.mkdir(rel)
         ino = os.stat(os.path.join(self.fs.abspath(rel), "cgroup.events")).st_ino
         while time.monotonic() - t0 < timeout:
-            if ino in inotify_inodes(a.proc.pid):
+            if watches_inode(infos, ino):
                 return round(time.monotonic() - t0, 3)
-            time.sleep(0.01)
+            time.sleep(0.002)
         return None
 
     # -- scrape load ----------------------------------------------------------------------
