@@ -247,3 +247,37 @@ def test_status_dict_equals_to_dict():
     d["tracking"]["incomplete"].append("y")
     assert len(st.cgroups) == 40 and st.watch == ["a/**"] and st.sinks["journal"]["sent"] == 4
     assert st.tracking.incomplete == ["a/b"]
+
+
+def test_http_protocol_edges():
+    """The endpoint's own HTTP/1.1: keep-alive, HEAD, HTTP/1.0, and the limits on what it reads."""
+    import socket
+
+    tm, m, renders, srv = _metrics_server()
+
+    def exchange(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(65536):  # the server closes the connection after its answer
+                data += chunk
+            return data
+
+    try:
+        # two requests on one kept-alive connection, the second asks to close
+        got = exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nHEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        first, _, rest = got.partition(b"\r\n\r\nok\n")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 3\r\n" in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in rest
+        assert rest.endswith(b"\r\n\r\n"), "HEAD: headers only"
+        # HTTP/1.0 closes after one answer unless asked otherwise
+        got = exchange(b"GET /readyz HTTP/1.0\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\nready\n")
+        assert exchange(b"GET /x HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+        assert exchange(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414 ")
+        flood = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n"
+        assert exchange(flood).startswith(b"HTTP/1.1 431 ")
+        assert exchange(b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert tm.get(srv.url + "/healthz")[0] == 200  # and it still serves
+    finally:
+        srv.close()
