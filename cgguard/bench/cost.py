@@ -308,6 +308,12 @@ class Cost:
             raise
         return a
 
+    def tenants(self) -> list[str]:
+        """Watch globs that make each cgroup directly under the sandbox a tenant of its own (as
+        pods are): one agent then removes more bombs in a minute than one tenant's kill budget
+        (5 per 60 s) allows, and none is frozen instead."""
+        return [f"{self.sb.name}/*/**"]
+
     def stop(self, a: AgentProcess, label: str) -> None:
         rc = a.stop()
         if rc not in (0, None):
@@ -416,6 +422,11 @@ class Cost:
             r["start_to_populated0_ms"] = None if s.t_unpopulated is None else round(s.t_unpopulated * 1000, 1)
             if inc is None:
                 r["result"] = "no incident"
+            elif s.t_populated is None:
+                # The sampler never ran while the bomb lived (other realtime work on the host):
+                # nothing to time.
+                r["result"] = f"{inc.get('detector')} -> {inc.get('action')}: {inc.get('result')} (not observed: the bench's sampler never saw it populated)"
+                r["start_to_verdict_ms"] = round((inc["time"] - t0_wall) * 1000, 1)
             else:
                 r["result"] = f"{inc.get('detector')} -> {inc.get('action')}: {inc.get('result')}"
                 verdict_ms = (inc["time"] - t0_wall) * 1000
@@ -439,13 +450,14 @@ class Cost:
             "verdict_to_populated0_ms": _median([r.get("verdict_to_populated0_ms") for r in runs]),
             "peak": _median([r.get("peak") for r in runs]),
             "removed": sum(1 for r in runs if r.get("start_to_populated0_ms") is not None),
+            "not_observed": sum(1 for r in runs if "not observed" in r.get("result", "")),
         }
         self.log(f"  classic/{label} x{n}: start->populated 0 {summary['start_to_populated0_ms']} ms, verdict->populated 0 "
                  f"{summary['verdict_to_populated0_ms']} ms, peak {summary['peak']}, removed {summary['removed']}/{n}")
         return summary
 
     def quiet_classic(self) -> None:
-        a = self.agent("classic", [f"{self.sb.name}/**"])
+        a = self.agent("classic", self.tenants())
         try:
             q = self.classics(a, "quiet", 3 if self.quick else 5)
         finally:
@@ -459,7 +471,7 @@ class Cost:
             self.out["notes"].append("gcc is not installed: no busy-node scenario")
             return
         quiet = self.out.get("quiet_classic") or {}
-        a = self.agent("busy", [f"{self.sb.name}/**"])
+        a = self.agent("busy", self.tenants())
         rows = []
         try:
             for rate in ("1000", "3000", "0"):
@@ -603,7 +615,7 @@ class Cost:
     # -- scrape load ----------------------------------------------------------------------
     def scrape(self, n: int = 5000, clients: int = 8) -> None:
         base = self.make_calm("scrape", n)
-        a = self.agent("scrape", [f"{self.sb.name}/**"], timeout=120)
+        a = self.agent("scrape", self.tenants(), timeout=120)
         runs = 2 if self.quick else 3
         try:
             time.sleep(3.0)
