@@ -382,12 +382,13 @@ class Agent:
     def _on_procconn(self) -> None:
         assert self.tracking is not None
         # Coalesce: under steady fork load the socket turns readable for every event, and a
-        # wake-up per event costs more than the event. Waiting until 2 ms after the last drain
-        # batches them (a bomb doubling every ~10 ms is seen 2 ms later at most).
-        wait_ns = self._pc_last_ns + self._pc_coalesce_ns - self.clock()
-        if wait_ns > 0:
-            time.sleep(wait_ns / 1e9)
-        self._drain()
+        # wake-up per event costs more than the event. Drains are at least the coalescing delay
+        # apart (2 ms: a bomb doubling every ~10 ms is seen 2 ms later at most); one due later
+        # is left to the loop, which waits for its deadline without blocking inotify (run()).
+        if self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
+            self._drain()
+        else:
+            self._pc_hot = True
 
     def _drain(self) -> None:
         tr = self.tracking
