@@ -567,7 +567,9 @@ class Cost:
             self.fig("calm10k_readyz_s", ready_s)
             st = a.wait_ready(timeout=30)
             watched = st.get("watched") or len(st.get("cgroups", []))
-            time.sleep(8.0)  # calm cgroups back off from 1 s toward the backoff maximum
+            # Calm cgroups back off from 1 s to the backoff maximum (16 s by default: 1+2+4+8 s to
+            # get there); the steady state is measured after that.
+            time.sleep(18.0)
             win = Window(a.proc.pid, a)
             time.sleep(5.0 if self.quick else 10.0)
             win.stop()
