@@ -47,8 +47,10 @@ from .worker import ActionWorker, Job
 
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
-# Between drains that show no abandonment in a watched cgroup: see _drain().
+# Between drains while nothing starts in the watched cgroups and none abandons: see _drain().
 PROCCONN_CALM_COALESCE_NS = 10 * MS
+# How long the 2 ms coalescing holds after a watched cgroup became populated or started forking.
+PROCCONN_FAST_HOLD_NS = 1 * S
 LOOP_TICK_NS = 200 * MS
 SAMPLES_PER_TURN = 64
 LOOP_GIL_WAIT_S = 0.001
@@ -156,6 +158,7 @@ class Agent:
         self._pc_last_ns = 0
         self._pc_hot = False  # the last drain read events: drain again on the coalescing clock
         self._pc_coalesce_ns = PROCCONN_COALESCE_NS
+        self._pc_fast_until_ns = 0
         self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
 
     # -- set-up ----------------------------------------------------------------------------
@@ -347,6 +350,9 @@ class Agent:
         for node, kind in self.watcher.handle_inotify():
             if not node.watched:
                 continue
+            if kind == "added" or (kind == "events" and node.populated):
+                # Something starts in a watched cgroup: its first forks are drained on the 2 ms clock.
+                self._fast_drains(now)
             if kind == "pids.events":
                 self.watcher.hint_active(node, now)
                 self._sample_and_check(node, now)
@@ -362,6 +368,10 @@ class Agent:
                     # a verdict later, its watched parents) from its first tasks on, and track
                     # processes a runtime moved in after their fork.
                     self._new_cgroup(node, now)
+
+    def _fast_drains(self, now: int) -> None:
+        self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
 
     def _new_cgroup(self, node: Node, now: int) -> None:
         n: Node | None = node
@@ -404,24 +414,27 @@ class Agent:
         self._pc_hot = stats.received + stats.lost_enobufs != before
         now = self.clock()
         horizon = now - tr.params.window_ms * MS
-        # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
-        # a few generations deep. While the watched cgroups that forked show no abandonment
-        # within the window -- builds, xargs, fork loops, and every process outside the watch --
-        # the loop drains every 10 ms instead: the cost of a drain is mostly the wake-up itself.
-        # The first abandonment seen switches back to 2 ms; budget and trajectory rules sample
-        # on their own schedule, which a first fork still starts (hint_active) at most 10 ms late.
-        self._pc_coalesce_ns = (
-            PROCCONN_COALESCE_NS if touched and tr.tree.abandoned_recently(touched, horizon) else PROCCONN_CALM_COALESCE_NS
-        )
-        if not touched:
-            return
         watcher = self.watcher
         nodes: dict[str, Node] = {}
         for cg in touched:
             node = watcher.watched_ancestor(cg)
             if node is not None:
                 nodes[node.rel] = node
+                if node.active_until_ns <= now:  # a calm watched cgroup forks: something starts
+                    self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
                 watcher.hint_active(node, now)
+        # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
+        # a few generations deep. It holds for a second after a watched cgroup became populated
+        # (inotify) or a calm one started forking, and while a cgroup that forks shows
+        # abandonment within the window. Otherwise -- steady builds, xargs, fork loops, and every
+        # process outside the watch -- the loop drains every 10 ms: the cost of a drain is mostly
+        # the wake-up itself. What can be later than before: the first fork events of something
+        # starting in an already populated, calm watched cgroup while other traffic keeps the loop
+        # on the 10 ms clock (at most 10 ms).
+        fast = now < self._pc_fast_until_ns or (touched and tr.tree.abandoned_recently(touched, horizon))
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS if fast else PROCCONN_CALM_COALESCE_NS
+        if not nodes:
+            return
         # No abandonment anywhere within the window: no cgroup can qualify (what qualifies()
         # would find, without a pass over the tree's cgroups per touched cgroup).
         if tr.tree.last_abandon_ns < horizon:
