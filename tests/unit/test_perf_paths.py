@@ -281,3 +281,34 @@ def test_http_protocol_edges():
         assert tm.get(srv.url + "/healthz")[0] == 200  # and it still serves
     finally:
         srv.close()
+
+
+def test_cost_targets_and_tables_from_figures():
+    """The cost bench's verdicts on made-up figures: each against its goal, busy-node rows against
+    the quiet node, and the tables name the issue's before figures."""
+    from cgguard.bench import cost
+
+    out = {
+        "figures": {"xargs_watched_cpu_pct": 2.5, "xargs_unwatched_cpu_pct": 1.5, "idle_rss_mib": 35.0,
+                    "calm10k_fds": 1040, "calm10k_new_cgroup_overflow_s": None},
+        "scrape": {"ratio": 1.05},
+        "busy_node": [
+            {"rate": 1000, "achieved_per_s": 990, "agent_cpu_pct_background": 2.0, "forks_received_per_s_background": 1000,
+             "events_received": 3100, "events_generated": 3000, "enobufs": 0, "seq_gaps": 0,
+             "removal_vs_quiet": 1.2, "peak_vs_quiet": 1.6,
+             "classic": {"start_to_populated0_ms": 40.0, "verdict_to_populated0_ms": 4.0, "peak": 50}},
+        ],
+        "quiet_classic": {"start_to_populated0_ms": 33.0, "verdict_to_populated0_ms": 4.0, "peak": 31},
+        "notes": [],
+    }
+    t = cost.targets(out)
+    assert t["xargs_watched_cpu_pct"]["met"] is True and t["xargs_watched_cpu_pct"]["before"] == 26.1
+    assert t["xargs_unwatched_cpu_pct"]["met"] is False
+    assert t["idle_rss_mib"]["met"] is True
+    assert t["calm10k_fds"]["met"] is True
+    assert t["calm10k_new_cgroup_overflow_s"]["met"] is None  # not measured
+    assert t["scrape_5000_removal_s"]["met"] is True
+    assert t["busy_1000"]["met"] is False  # peak 1.6x the quiet node's
+    out["targets"] = t
+    md = cost.markdown(out, "m")
+    assert "| 1000/s | 990 |" in md and "26.1" in md and "**NO**" in md
