@@ -396,8 +396,7 @@ class LineageTree:
         rec.abd = d
         cg = rec.cg
         cg.abandons.append((ts_ns, d, rec))
-        if ts_ns > self.last_abandon_ns:
-            self.last_abandon_ns = ts_ns
+        self.last_abandon_ns = max(self.last_abandon_ns, ts_ns)
         self._touched.add(cg)
 
     def _detach(self, rec: Record) -> None:

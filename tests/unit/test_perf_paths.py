@@ -3,11 +3,12 @@ speed belongs in ``cgguard bench --cost``)."""
 
 from __future__ import annotations
 
-from cgguard.agent.status import own_usage
-from cgguard.detect.lineage import qualifies
-from cgguard.config import LineageDetect
-from cgguard.state.lineage import within
 from lineage_sim import MS, Sim
+
+from cgguard.agent.status import own_usage
+from cgguard.config import LineageDetect
+from cgguard.detect.lineage import qualifies
+from cgguard.state.lineage import within
 
 
 def brute_cgstats(tree, cgroup, subtree=True):
@@ -100,7 +101,7 @@ def test_concurrent_scrapers_all_get_the_exposition_rendered_once_a_second():
     import concurrent.futures
     import time
 
-    tm, m, renders, srv = _metrics_server()
+    tm, _m, renders, srv = _metrics_server()
     try:
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(40) as ex:
@@ -122,7 +123,7 @@ def test_an_incident_shows_in_the_next_scrape_despite_the_cached_copy():
     tm, m, renders, srv = _metrics_server()
     try:
         before = tm.parse(tm.get(srv.url + "/metrics")[2].decode())
-        key = dict(action="kill-cgroup", result="removed")
+        key = {"action": "kill-cgroup", "result": "removed"}
         m.incident(tm.incident("kill-cgroup", "removed", 30.0, 7.0, None))
         after = tm.parse(tm.get(srv.url + "/metrics")[2].decode())
         assert tm.value(after, "cgguard_incidents_total", **key) == tm.value(before, "cgguard_incidents_total", **key) + 1
@@ -135,7 +136,7 @@ def test_bad_requests_on_a_kept_alive_connection_do_not_block_others():
     import http.client
     import socket
 
-    tm, m, renders, srv = _metrics_server()
+    tm, _m, _renders, srv = _metrics_server()
     try:
         # a client that sends a broken request line gets 400, one that sends POST gets 501
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
@@ -180,12 +181,12 @@ def test_abandoned_recently_is_per_cgroup_and_windowed():
 def test_exposition_is_byte_for_byte_what_prometheus_client_writes():
     """The agent writes its own exposition (prometheus_client costs it 3.2 MiB of RSS): the same
     families through prometheus_client's writers give the very same bytes, in both formats."""
+    import test_metrics as tm
     from prometheus_client import CollectorRegistry
     from prometheus_client import generate_latest as pc_text
     from prometheus_client.core import Metric as PcMetric
     from prometheus_client.openmetrics.exposition import generate_latest as pc_om
 
-    import test_metrics as tm
     from cgguard.sinks import metrics as mm
 
     m = mm.Metrics(tm.board_of(tm.full_status(80)))
@@ -231,6 +232,7 @@ def test_status_dict_equals_to_dict():
     import dataclasses
 
     import test_metrics as tm
+
     from cgguard.agent.status import status_dict
     from cgguard.state.status import Status
 
@@ -253,7 +255,7 @@ def test_http_protocol_edges():
     """The endpoint's own HTTP/1.1: keep-alive, HEAD, HTTP/1.0, and the limits on what it reads."""
     import socket
 
-    tm, m, renders, srv = _metrics_server()
+    tm, _m, _renders, srv = _metrics_server()
 
     def exchange(raw: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
