@@ -49,8 +49,9 @@ log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
 # Between drains while nothing starts in the watched cgroups and none abandons: see _drain().
 PROCCONN_CALM_COALESCE_NS = 10 * MS
-# How long the 2 ms coalescing holds after a watched cgroup became populated or started forking.
-PROCCONN_FAST_HOLD_NS = 1 * S
+# How long the 2 ms coalescing holds after a watched cgroup became populated or started forking:
+# long enough for a bomb's first abandonments (a few ms for a shell bomb), which then keep it.
+PROCCONN_FAST_HOLD_NS = 250 * MS
 LOOP_TICK_NS = 200 * MS
 SAMPLES_PER_TURN = 64
 LOOP_GIL_WAIT_S = 0.001
@@ -424,7 +425,7 @@ class Agent:
                     self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
                 watcher.hint_active(node, now)
         # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
-        # a few generations deep. It holds for a second after a watched cgroup became populated
+        # a few generations deep. It holds for 250 ms after a watched cgroup became populated
         # (inotify) or a calm one started forking, and while a cgroup that forks shows
         # abandonment within the window. Otherwise -- steady builds, xargs, fork loops, and every
         # process outside the watch -- the loop drains every 10 ms: the cost of a drain is mostly
