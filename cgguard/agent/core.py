@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import selectors
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
@@ -42,19 +43,38 @@ from cgguard.state.watch import Node, Watcher
 from . import policy
 from .control import ControlServer
 from .host import protect_process, raise_thread_priority, sd_notify
-from .status import build_status
+from .status import build_status, status_dict
 from .tracking import Tracking, TrackingUnavailable
 from .worker import ActionWorker, Job
 
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
+# Between drains while nothing starts in the watched cgroups and none abandons: see _drain().
+PROCCONN_CALM_COALESCE_NS = 10 * MS
+# How long the 2 ms coalescing holds after a watched cgroup became populated or started forking:
+# long enough for a bomb's first abandonments (a few ms for a shell bomb), which then keep it.
+PROCCONN_FAST_HOLD_NS = 250 * MS
 LOOP_TICK_NS = 200 * MS
+SAMPLES_PER_TURN = 64
+LOOP_GIL_WAIT_S = 0.001
 ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
 # Descriptors the rest of the agent may hold at once (sockets and their connections, pipes, the
 # incident log, /proc reads, a kill's inotify, hooks): kept-open cgroupfs files never take these.
 FD_RESERVE = 64
+
+
+def _profiler() -> Any:
+    """CGGUARD_PROFILE=FILE: profile the loop thread with cProfile, written to FILE at exit (for
+    ``cgguard bench``'s cost runs and by hand; the profiler slows the loop, so never in production)."""
+    if not os.environ.get("CGGUARD_PROFILE"):
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
 
 
 class IncidentSink(Protocol):
@@ -147,6 +167,10 @@ class Agent:
         self._next_age_ns = 0
         self._drained_ns = 0
         self._pc_last_ns = 0
+        self._pc_hot = False  # the last drain read events: drain again on the coalescing clock
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
+        self._pc_fast_until_ns = 0
+        self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -263,29 +287,51 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         self.notes += raise_thread_priority(self.cfg.realtime)
+        # The loop shares the GIL with the HTTP, control and sink threads: when it wakes while one
+        # of them runs Python, it gets the GIL after at most this long (default 5 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), LOOP_GIL_WAIT_S))
+        prof = _profiler()
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
         sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        # While proc-connector events keep coming, waking up for the first datagram and then
+        # sleeping out the coalescing delay costs two wake-ups per drain. Instead the loop then
+        # waits on the other sources only, with the drain's deadline as the timeout: one wake-up
+        # per drain, and inotify (a kill's populated 0) is not held up by a sleep.
+        hot = selectors.DefaultSelector()
+        hot.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
+        hot.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         if self.tracking is not None:
             sel.register(self.tracking.fileno(), selectors.EVENT_READ, self._on_procconn)
         try:
             while not self._stop:
                 try:
-                    self._turn(sel)
+                    self._turn(sel, hot)
                 except Exception as e:  # the guard must outlive its own bugs and exhaustion
                     self._survive(e)
         finally:
             self.ready = False
             self._publish_status()
             sel.close()
+            hot.close()
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.environ["CGGUARD_PROFILE"])
 
-    def _turn(self, sel: selectors.BaseSelector) -> None:
+    def _turn(self, sel: selectors.BaseSelector, hot: selectors.BaseSelector) -> None:
         now = self.clock()
         due = self.watcher.next_due_ns()
         timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
         timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
-        for key, _ in sel.select(timeout_ns / 1e9):
-            key.data()
+        if self._pc_hot:
+            drain_ns = self._pc_last_ns + self._pc_coalesce_ns - now
+            for key, _ in hot.select(max(0, min(timeout_ns, drain_ns)) / 1e9):
+                key.data()
+            if self._pc_hot and self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
+                self._drain()
+        else:
+            for key, _ in sel.select(timeout_ns / 1e9):
+                key.data()
         self._tick(self.clock())
 
     def _survive(self, e: Exception) -> None:
@@ -304,7 +350,10 @@ class Agent:
         time.sleep(0.001)  # never spin at 100% on a persistent error
 
     def _tick(self, now: int) -> None:
-        for node in self.watcher.due(now):
+        # Calm cgroups fall due together on their shared grid (thousands at once on a big node):
+        # a bounded batch per turn, so the proc connector is drained between batches and a
+        # bomb's fork events are not held up behind a thousand calm samples.
+        for node in self.watcher.due(now, SAMPLES_PER_TURN):
             self._sample_and_check(node, now)
         for node in self.watcher.maybe_rescan_degraded(now):
             self._new_cgroup(node, now)
@@ -315,10 +364,14 @@ class Agent:
                 self._next_age_ns = now + self.tracking.reset_interval_ns
             else:
                 self._next_age_ns = now + self.cfg.tracking.reset_interval_ms * MS
-        for job, res in self.worker.results():
-            self._finish(job, res)
-        if self.control is not None:
-            self.control.serve_pending(self.handle_control)
+        if self._woken:
+            # The worker and the control server wake the loop after queueing something: their
+            # queues need no look (two lock round trips) on every other turn of the loop.
+            self._woken = False
+            for job, res in self.worker.results():
+                self._finish(job, res)
+            if self.control is not None:
+                self.control.serve_pending(self.handle_control)
         if self.board.wanted:
             self._publish_status()
 
@@ -329,6 +382,7 @@ class Agent:
             pass  # the pipe is full (a wake-up is pending anyway) or closed
 
     def _on_wake(self) -> None:
+        self._woken = True
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
@@ -363,6 +417,9 @@ class Agent:
         for node, kind in self.watcher.handle_inotify():
             if not node.watched:
                 continue
+            if kind == "added" or (kind == "events" and node.populated):
+                # Something starts in a watched cgroup: its first forks are drained on the 2 ms clock.
+                self._fast_drains(now)
             if kind == "pids.events":
                 self.watcher.hint_active(node, now)
                 self._sample_and_check(node, now)
@@ -378,6 +435,10 @@ class Agent:
                     # a verdict later, its watched parents) from its first tasks on, and track
                     # processes a runtime moved in after their fork.
                     self._new_cgroup(node, now)
+
+    def _fast_drains(self, now: int) -> None:
+        self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
 
     def _new_cgroup(self, node: Node, now: int) -> None:
         n: Node | None = node
@@ -398,27 +459,56 @@ class Agent:
     def _on_procconn(self) -> None:
         assert self.tracking is not None
         # Coalesce: under steady fork load the socket turns readable for every event, and a
-        # wake-up per event costs more than the event. Waiting until 2 ms after the last drain
-        # batches them (a bomb doubling every ~10 ms is seen 2 ms later at most).
-        wait_ns = self._pc_last_ns + PROCCONN_COALESCE_NS - self.clock()
-        if wait_ns > 0:
-            time.sleep(wait_ns / 1e9)
+        # wake-up per event costs more than the event. Drains are at least the coalescing delay
+        # apart (2 ms: a bomb doubling every ~10 ms is seen 2 ms later at most); one due later
+        # is left to the loop, which waits for its deadline without blocking inotify (run()).
+        if self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
+            self._drain()
+        else:
+            self._pc_hot = True
+
+    def _drain(self) -> None:
+        tr = self.tracking
+        assert tr is not None
         t = self._pc_last_ns = self.clock()
-        touched, empty = self.tracking.drain()
+        stats = tr.conn.stats
+        before = stats.received + stats.lost_enobufs
+        touched, empty = tr.drain()
         if empty:
             self._drained_ns = t
-        if not touched:
-            return
+        # Events came: more are likely, so the loop drains again at the next coalescing
+        # deadline instead of waking for the next datagram (see run()).
+        self._pc_hot = stats.received + stats.lost_enobufs != before
         now = self.clock()
+        horizon = now - tr.params.window_ms * MS
+        watcher = self.watcher
         nodes: dict[str, Node] = {}
         for cg in touched:
-            node = self.watcher.watched_ancestor(cg)
+            node = watcher.watched_ancestor(cg)
             if node is not None:
                 nodes[node.rel] = node
-                self.watcher.hint_active(node, now)
+                if node.active_until_ns <= now:  # a calm watched cgroup forks: something starts
+                    self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
+                watcher.hint_active(node, now)
+        # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
+        # a few generations deep. It holds for 250 ms after a watched cgroup became populated
+        # (inotify) or a calm one started forking, and while a cgroup that forks shows
+        # abandonment within the window. Otherwise -- steady builds, xargs, fork loops, and every
+        # process outside the watch -- the loop drains every 10 ms: the cost of a drain is mostly
+        # the wake-up itself. What can be later than before: the first fork events of something
+        # starting in an already populated, calm watched cgroup while other traffic keeps the loop
+        # on the 10 ms clock (at most 10 ms).
+        fast = now < self._pc_fast_until_ns or (touched and tr.tree.abandoned_recently(touched, horizon))
+        self._pc_coalesce_ns = PROCCONN_COALESCE_NS if fast else PROCCONN_CALM_COALESCE_NS
+        if not nodes:
+            return
+        # No abandonment anywhere within the window: no cgroup can qualify (what qualifies()
+        # would find, without a pass over the tree's cgroups per touched cgroup).
+        if tr.tree.last_abandon_ns < horizon:
+            return
         for node in nodes.values():
-            if not node.busy and not node.frozen and self.tracking.qualifies(node.rel, now):
-                verdict = self.tracking.evaluate(node.rel, now)
+            if not node.busy and not node.frozen and tr.qualifies(node.rel, now):
+                verdict = tr.evaluate(node.rel, now)
                 if verdict is not None:
                     self._on_verdict(node, verdict)
 
@@ -782,7 +872,7 @@ class Agent:
     def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, "status": build_status(self).to_dict()}
+            return {"ok": True, "status": status_dict(build_status(self))}
         if cmd == "tree":
             if self.tracking is None:
                 return {"ok": False, "error": f"process tracking is {self.tracking_note}"}

@@ -107,6 +107,14 @@ def main(args: Any) -> int:
 
     from . import baselines, report, runner
 
+    # -- agent cost on busy nodes (cgguard.bench.cost) -------------------------------------
+    # ``cgguard bench --cost`` runs those scenarios alone; a full run includes them (below).
+    if getattr(args, "cost", False):
+        from . import cost
+
+        return cost.main(args)
+    # --------------------------------------------------------------------------------------
+
     t_start = time.monotonic()
     quick = bool(getattr(args, "quick", False))
     out_dir = getattr(args, "out", None) or "results"
@@ -229,6 +237,14 @@ def main(args: Any) -> int:
                         _say(f"  {wl.name} / {method}: exit {r.exit_code}, incidents {r.incidents}, "
                              f"false kill {r.false_kill}, {r.duration_s} s"
                              + (f", agent {r.agent_cpu_pct} % CPU" if r.agent_cpu_pct is not None else ""))
+        # -- agent cost on busy nodes (cgguard.bench.cost): full runs only, on a budget of its own
+        if plan.cost and not quick:
+            from . import cost
+
+            plan.budget_s += cost.FULL_RUN_S
+            _say("agent cost on busy nodes (cgguard.bench.cost)")
+            res["cost_scenarios"] = attempt("cost scenarios", lambda: cost.run(fs, quick, log=_say))
+        # ----------------------------------------------------------------------------------
     except KeyboardInterrupt:
         res["errors"].append("interrupted")
     finally:
@@ -253,6 +269,8 @@ def main(args: Any) -> int:
     paths = report.write(res, out_dir)
     print()
     print(report.markdown(res))
+    if res.get("cost_scenarios"):  # agent cost on busy nodes (cgguard.bench.cost)
+        print(report.cost_tables(res, paths["md"]))
     print(f"Ran on: {report.machine_line(res['machine'])}")
     print(f"Took {res['duration_s']:.0f} s. Wrote {', '.join(paths.values())}")
     if res["problems"]:

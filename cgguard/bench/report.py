@@ -391,3 +391,15 @@ def write(res: dict[str, Any], out_dir: str) -> dict[str, str]:
     with open(paths["md"], "w") as f:
         f.write(markdown(res))
     return paths
+
+
+# -- agent cost on busy nodes (cgguard.bench.cost) -------------------------------------------
+def cost_tables(res: dict[str, Any], md_path: str | None = None) -> str:
+    """The cost scenarios' tables; appended to bench.md when ``md_path`` is given."""
+    from .cost import markdown as cost_markdown
+
+    md = cost_markdown(res["cost_scenarios"])
+    if md_path:
+        with open(md_path, "a") as f:
+            f.write("\n" + md)
+    return md

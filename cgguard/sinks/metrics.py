@@ -7,8 +7,12 @@ Two sources, so the hot path pays nothing for metrics it does not produce:
   from the status the agent publishes (:class:`~cgguard.state.status.StatusBoard`) by a custom
   collector, only when someone scrapes ``/metrics``.
 
-The registry is private to each :class:`Metrics` (not the process-global default), so tests and
-an agent restarted in-process never see duplicate-registration errors or stale series.
+The exposition (Prometheus text format, or OpenMetrics when the scraper asks for it) is written
+here rather than by prometheus_client: the agent's families are few and fixed, and the library
+and what it imports (it pulls in http.server's parsers and more) cost the agent 3.2 MiB of RSS
+for that. The output is what prometheus_client writes for the same families (a test compares
+the two), and the state of each :class:`Metrics` is its own, so tests and an agent restarted
+in-process never see each other's series.
 
 Cardinality is bounded: ``cgguard_cgroup_tasks`` has one series per cgroup only for the
 ``top_n`` (default 50) cgroups with the most tasks; the rest are summed into one series whose
@@ -24,29 +28,15 @@ the two agree with a real scrape).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
+import resource
+import threading
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import psutil
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from cgguard import __version__
 from cgguard.attribution import KINDS, LABEL_NAMES, attribute
@@ -56,6 +46,7 @@ from cgguard.state.status import CgroupStatus, Status, StatusBoard
 log = logging.getLogger(__name__)
 
 TOP_CGROUPS = 50
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 OTHER = "_other"
 
 # The (action, result) pairs the agent produces (cgguard.act, cgguard.agent), pre-initialised
@@ -134,20 +125,123 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 _HELP = {m.name: m.help for m in METRICS}
 
+# Content types, as prometheus_client names them.
+CONTENT_TYPE_LATEST = "text/plain; version=1.0.0; charset=utf-8"
+CONTENT_TYPE_PLAIN_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+_ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
 
-def _base(name: str) -> str:
-    # prometheus_client's counters take the name without the _total they add themselves.
-    return name.removesuffix("_total")
+
+@dataclass(slots=True)
+class Metric:
+    """One family: ``name`` without the _total of counters (OpenMetrics' family name), and its
+    samples as (full sample name, labels, value)."""
+
+    name: str
+    type: str  # counter, gauge, histogram
+    documentation: str
+    samples: list[tuple[str, tuple[tuple[str, str], ...], float]] = field(default_factory=list)
+    labels: tuple[str, ...] = ()
+
+    def add_metric(self, values: Iterable[str], value: float) -> None:
+        suffix = "_total" if self.type == "counter" else ""
+        self.samples.append((self.name + suffix, tuple(zip(self.labels, values)), float(value)))
+
+
+def _family(name: str, typ: str, labels: Iterable[str] = ()) -> Metric:
+    """A family of METRICS by its exposed name (counters with _total)."""
+    return Metric(name.removesuffix("_total") if typ == "counter" else name, typ, _HELP[name], labels=tuple(labels))
 
 
 def _gauge(name: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
-        yield GaugeMetricFamily(name, _HELP[name], value=value)
+        fam = _family(name, "gauge")
+        fam.add_metric((), value)
+        yield fam
 
 
 def _counter(name: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
-        yield CounterMetricFamily(_base(name), _HELP[name], value=value)
+        fam = _family(name, "counter")
+        fam.add_metric((), value)
+        yield fam
+
+
+def _go_float(d: float) -> str:
+    """A value as Go (and prometheus_client) writes it."""
+    if d == math.inf:
+        return "+Inf"
+    if d == -math.inf:
+        return "-Inf"
+    if math.isnan(d):
+        return "NaN"
+    s = repr(float(d))
+    dot = s.find(".")
+    if d > 0 and dot > 6:  # Go switches to exponents sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+0{dot - 1}"
+    return s
+
+
+def _escape(v: str, quote: bool = True) -> str:
+    v = v.replace("\\", r"\\").replace("\n", r"\n")
+    return v.replace('"', r'\"') if quote else v
+
+
+def _lines(fams: Iterable[Metric], openmetrics: bool) -> bytes:
+    out: list[str] = []
+    for m in fams:
+        name = m.name if openmetrics or m.type != "counter" else m.name + "_total"
+        out.append(f"# HELP {name} {_escape(m.documentation, quote=openmetrics)}\n")
+        out.append(f"# TYPE {name} {m.type}\n")
+        for sname, labels, value in m.samples:
+            if labels:
+                inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels))
+                out.append(f"{sname}{{{inner}}} {_go_float(value)}\n")
+            else:
+                out.append(f"{sname} {_go_float(value)}\n")
+    if openmetrics:
+        out.append("# EOF\n")
+    return "".join(out).encode("utf-8")
+
+
+def _accept_tokens(toks: list[str]) -> tuple[str, str]:
+    version, escaping = "", "underscores"
+    for tok in toks:
+        k, eq, v = tok.strip().partition("=")
+        if not eq:
+            continue
+        if k == "version":
+            version = v
+        elif k == "escaping" and v in _ESCAPINGS:
+            escaping = v
+    return version, escaping
+
+
+def _version(v: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in v.split("."))
+    except ValueError:
+        return (0,)
+
+
+def negotiate(accept: str | None) -> tuple[bool, str]:
+    """(OpenMetrics?, content type) for an Accept header, as prometheus_client's choose_encoder.
+    The agent's names are valid in every escaping scheme, so the body never depends on it."""
+    for accepted in (accept or "").split(","):
+        toks = accepted.split(";")
+        kind = toks[0].strip()
+        if kind == "application/openmetrics-text":
+            version, escaping = _accept_tokens(toks[1:])
+            if not version:
+                return True, CONTENT_TYPE_OPENMETRICS
+            if _version(version) >= (1, 0, 0):
+                return True, f"application/openmetrics-text; version={version}; charset=utf-8; escaping={escaping}"
+        elif kind == "text/plain":
+            version, escaping = _accept_tokens(toks[1:])
+            if version and _version(version) >= (1, 0, 0):
+                return False, f"{CONTENT_TYPE_LATEST}; escaping={escaping}"
+    return False, CONTENT_TYPE_PLAIN_0_0_4
 
 
 def _cgroup_labels(c: CgroupStatus) -> list[str]:
@@ -170,24 +264,18 @@ def top_cgroups(cgroups: Iterable[CgroupStatus], top_n: int) -> tuple[list[Cgrou
     return ordered[:top_n], sum(c.tasks for c in rest), len(rest)
 
 
-class _StatusCollector(Collector):
+class _StatusCollector:
     """Builds the state metrics from the latest published status, once per scrape."""
 
     def __init__(self, board: StatusBoard, top_n: int):
         self._board = board
         self._top_n = top_n
         self._errors = 0
-        self._proc = psutil.Process()
         self._build = {"version": __version__, "python": platform.python_version(), "kernel": os.uname().release}
-
-    def describe(self) -> list[Metric]:
-        # Without describe() the registry would call collect() -- and so the board -- at
-        # registration, before the agent is up. Names are unique by construction.
-        return []
 
     def collect(self) -> Iterator[Metric]:
         # A gauge fixed at 1 (the text format has no info type): join on it for versions.
-        info = GaugeMetricFamily("cgguard_build_info", _HELP["cgguard_build_info"], labels=list(self._build))
+        info = _family("cgguard_build_info", "gauge", self._build)
         info.add_metric(list(self._build.values()), 1.0)
         yield info
         yield from self._process()
@@ -197,19 +285,20 @@ class _StatusCollector(Collector):
             self._errors += 1
             log.exception("metrics: reading the status failed")
             st = None
-        yield CounterMetricFamily(_base("cgguard_status_errors_total"), _HELP["cgguard_status_errors_total"], value=self._errors)
+        yield from _counter("cgguard_status_errors_total", self._errors)
         if st is not None:
             yield from self._state(st)
 
     def _process(self) -> Iterator[Metric]:
+        # getrusage and /proc/self/statm: psutil's figures, without psutil in the agent (RSS).
         try:
-            with self._proc.oneshot():
-                t = self._proc.cpu_times()
-                rss = self._proc.memory_info().rss
-        except psutil.Error:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            with open("/proc/self/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
             return
-        yield CounterMetricFamily(_base("cgguard_agent_cpu_seconds_total"), _HELP["cgguard_agent_cpu_seconds_total"], value=t.user + t.system)
-        yield GaugeMetricFamily("cgguard_agent_resident_memory_bytes", _HELP["cgguard_agent_resident_memory_bytes"], value=rss)
+        yield from _counter("cgguard_agent_cpu_seconds_total", ru.ru_utime + ru.ru_stime)
+        yield from _gauge("cgguard_agent_resident_memory_bytes", rss)
 
     def _state(self, st: Status) -> Iterator[Metric]:
         yield from _gauge("cgguard_ready", 1.0 if st.ready else 0.0)
@@ -217,7 +306,7 @@ class _StatusCollector(Collector):
         yield from _gauge("cgguard_incidents_recorded", float(st.incidents.recorded))
         yield from self._cgroups(st)
         pc = st.connector
-        fam = GaugeMetricFamily("cgguard_procconn_info", _HELP["cgguard_procconn_info"], labels=["mode"])
+        fam = _family("cgguard_procconn_info", "gauge", ["mode"])
         fam.add_metric([pc.mode], 1.0)
         yield fam
         yield from _counter("cgguard_procconn_events_received_total", float(pc.received))
@@ -225,7 +314,7 @@ class _StatusCollector(Collector):
         yield from _counter("cgguard_procconn_events_lost_total", float(pc.lost_estimate))
         yield from _counter("cgguard_procconn_rescans_total", float(pc.rescans))
         yield from _counter("cgguard_inotify_overflows_total", float(st.inotify_overflows))
-        nr = CounterMetricFamily(_base("cgguard_incidents_not_removed_total"), _HELP["cgguard_incidents_not_removed_total"], labels=["reason"])
+        nr = _family("cgguard_incidents_not_removed_total", "counter", ["reason"])
         for reason in sorted(set(NOT_REMOVED_REASONS) | set(st.incidents.not_removed)):
             nr.add_metric([reason], float(st.incidents.not_removed.get(reason, 0)))
         yield nr
@@ -233,7 +322,7 @@ class _StatusCollector(Collector):
             counts = st.sinks.get(sink)
             if counts is None:
                 continue  # not configured: no series
-            fam = CounterMetricFamily(_base(name), _HELP[name], labels=["result"])
+            fam = _family(name, "counter", ["result"])
             for r in results:
                 fam.add_metric([r], float(counts.get(r, 0)))
             yield fam
@@ -248,13 +337,13 @@ class _StatusCollector(Collector):
 
     def _cgroups(self, st: Status) -> Iterator[Metric]:
         yield from _gauge("cgguard_watched_cgroups", float(st.watched))
-        by_state = GaugeMetricFamily("cgguard_cgroups_by_state", _HELP["cgguard_cgroups_by_state"], labels=["state"])
+        by_state = _family("cgguard_cgroups_by_state", "gauge", ["state"])
         for state, n in sorted(st.by_state.items()):
             by_state.add_metric([state], float(n))
         yield by_state
         top, rest_tasks, rest_n = top_cgroups(st.cgroups, self._top_n)
-        tasks = GaugeMetricFamily("cgguard_cgroup_tasks", _HELP["cgguard_cgroup_tasks"], labels=list(_CGROUP_LABELS))
-        pmax = GaugeMetricFamily("cgguard_cgroup_pids_max", _HELP["cgguard_cgroup_pids_max"], labels=list(_CGROUP_LABELS))
+        tasks = _family("cgguard_cgroup_tasks", "gauge", _CGROUP_LABELS)
+        pmax = _family("cgguard_cgroup_pids_max", "gauge", _CGROUP_LABELS)
         seen: set[tuple[str, ...]] = set()
         for c in top:
             labels = _cgroup_labels(c)
@@ -270,41 +359,58 @@ class _StatusCollector(Collector):
         yield pmax
 
 
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, +Inf last
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        for i, le in enumerate(LATENCY_BUCKETS):
+            if v <= le:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += v
+
+    def family(self, name: str) -> Metric:
+        fam = _family(name, "histogram")
+        acc = 0
+        for le, n in zip((*LATENCY_BUCKETS, math.inf), self.counts):
+            acc += n
+            fam.samples.append((f"{name}_bucket", (("le", _go_float(le)),), float(acc)))
+        fam.samples.append((f"{name}_count", (), float(acc)))
+        fam.samples.append((f"{name}_sum", (), self.sum))
+        return fam
+
+
 class Metrics:
-    """The agent's metrics: a private registry, incident counters (an incident sink) and the
-    status collector."""
+    """The agent's metrics: incident counters (an incident sink) and the status collector.
+
+    ``incident`` runs on the agent's loop, ``render`` on an HTTP thread: a lock keeps a render
+    from seeing a counter half-updated or a label set being added.
+    """
 
     def __init__(self, board: StatusBoard, top_n: int = TOP_CGROUPS):
         if top_n < 1:
             raise ValueError("top_n must be at least 1")
-        # The *_created series double the series count and say nothing here (the agent's start
-        # time is known); the switch is process-wide, and cgguard owns its process.
-        disable_created_metrics()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.incidents = Counter(
-            _base("cgguard_incidents_total"), _HELP["cgguard_incidents_total"], ["action", "result"], registry=self.registry
-        )
-        for a, results in OUTCOMES.items():
-            for r in results:
-                self.incidents.labels(a, r)
-        self.incidents_by_kind = Counter(
-            _base("cgguard_incidents_by_kind_total"), _HELP["cgguard_incidents_by_kind_total"], ["workload_kind"], registry=self.registry
-        )
-        for k in KINDS:
-            self.incidents_by_kind.labels(k)
-        self.last_incident = Gauge(
-            "cgguard_last_incident_timestamp_seconds", _HELP["cgguard_last_incident_timestamp_seconds"], registry=self.registry
-        )
-        self.detection = Histogram(
-            "cgguard_detection_latency_seconds", _HELP["cgguard_detection_latency_seconds"], buckets=LATENCY_BUCKETS, registry=self.registry
-        )
-        self.removal = Histogram(
-            "cgguard_removal_latency_seconds", _HELP["cgguard_removal_latency_seconds"], buckets=LATENCY_BUCKETS, registry=self.registry
-        )
-        self.registry.register(_StatusCollector(board, top_n))
+        self._lock = threading.Lock()
+        # Every (action, result) and kind the agent produces is exported from the start at 0, so
+        # the first incident shows as an increase.
+        self._incidents: dict[tuple[str, str], float] = {(a, r): 0.0 for a, rs in OUTCOMES.items() for r in rs}
+        self._by_kind: dict[str, float] = dict.fromkeys(KINDS, 0.0)
+        self._last_incident = 0.0
+        self._detection = _Histogram()
+        self._removal = _Histogram()
+        self._collector = _StatusCollector(board, top_n)
+        # Bumped by every incident: a rendered exposition older than that is stale.
+        self.generation = 0
 
     def incident(self, inc: Incident) -> None:
         """IncidentSink: count an incident once, with its result, and observe its latencies."""
+        self.generation += 1  # the HTTP endpoint's rendered copy is out of date
         if inc.result == "detected":
             return
         self.count(inc.action, inc.result, inc.detect_ms, inc.remove_ms, inc.workload)
@@ -318,21 +424,41 @@ class Metrics:
         workload: dict[str, Any] | None,
     ) -> None:
         """Count one incident and observe its latencies (None: not measured, e.g. report-only)."""
-        self.incidents.labels(action, result).inc()
         kind = workload.get("kind") if isinstance(workload, dict) else None
-        self.incidents_by_kind.labels(kind if kind in KINDS else "cgroup").inc()
-        self.last_incident.set_to_current_time()
-        if detect_ms is not None and detect_ms >= 0:
-            self.detection.observe(detect_ms / 1000.0)
-        if remove_ms is not None and remove_ms >= 0:
-            self.removal.observe(remove_ms / 1000.0)
+        kind = kind if kind in KINDS else "cgroup"
+        with self._lock:
+            self.generation += 1
+            self._incidents[(action, result)] = self._incidents.get((action, result), 0.0) + 1
+            self._by_kind[kind] += 1
+            self._last_incident = time.time()
+            if detect_ms is not None and detect_ms >= 0:
+                self._detection.observe(detect_ms / 1000.0)
+            if remove_ms is not None and remove_ms >= 0:
+                self._removal.observe(remove_ms / 1000.0)
+
+    def _event_families(self) -> list[Metric]:
+        with self._lock:
+            inc = _family("cgguard_incidents_total", "counter", ("action", "result"))
+            for labels, v in self._incidents.items():
+                inc.add_metric(labels, v)
+            kinds = _family("cgguard_incidents_by_kind_total", "counter", ("workload_kind",))
+            for k, v in self._by_kind.items():
+                kinds.add_metric((k,), v)
+            last = _family("cgguard_last_incident_timestamp_seconds", "gauge")
+            last.add_metric((), self._last_incident)
+            return [inc, kinds, last, self._detection.family("cgguard_detection_latency_seconds"),
+                    self._removal.family("cgguard_removal_latency_seconds")]
+
+    def families(self) -> list[Metric]:
+        """Every family, in exposition order: incident counters first, then the state's."""
+        return [*self._event_families(), *self._collector.collect()]
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition (body, content type); OpenMetrics if the Accept header asks for it."""
         if accept:
-            encoder, ctype = choose_encoder(accept)
-            return encoder(self.registry), ctype
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            openmetrics, ctype = negotiate(accept)
+            return _lines(self.families(), openmetrics), ctype
+        return _lines(self.families(), False), CONTENT_TYPE_LATEST
 
 
 def reference_markdown() -> str:

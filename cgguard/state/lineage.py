@@ -234,6 +234,10 @@ class LineageTree:
         self.negative_cache_size = negative_cache_size
         self._live: dict[int, Record] = {}
         self._cg: dict[str, CgStat] = {}
+        # cgroup -> the CgStats at or below it, in creation order (as _cg): the agent asks for a
+        # cgroup's subtree on every sample, and a pass over every tracked cgroup per question
+        # made a start with 10,000 watched cgroups, 1,000 of them populated, quadratic.
+        self._under: dict[str, dict[str, CgStat]] = {}
         self._neg: dict[int, _Family] = {}
         self._touched: set[CgStat] = set()
         self._images: list[Record] = []  # records whose image flush() reads
@@ -245,6 +249,9 @@ class LineageTree:
         self._last_allocstall = 0
         self.incomplete: set[str] = set()
         self.loss_pending = False
+        # Newest abandonment anywhere: lets the agent skip the lineage check after a burst of
+        # events when nothing abandoned within the window.
+        self.last_abandon_ns = -(1 << 62)
         self._stats = TreeStats()
 
     # -- EventSink -------------------------------------------------------------------------
@@ -395,6 +402,7 @@ class LineageTree:
         rec.abd = d
         cg = rec.cg
         cg.abandons.append((ts_ns, d, rec))
+        self.last_abandon_ns = max(self.last_abandon_ns, ts_ns)
         self._touched.add(cg)
 
     def _detach(self, rec: Record) -> None:
@@ -428,8 +436,8 @@ class LineageTree:
                     nxt.prev_sib = prv
             cg = rec.cg
             cg.members.discard(rec)
-            if not cg.members and not cg.abandons:
-                self._cg.pop(cg.path, None)
+            if not cg.members and not cg.abandons and self._cg.pop(cg.path, None) is not None:
+                self._unindex(cg)
             rec.parent = rec.prev_sib = rec.next_sib = None
             rec.flags |= FREED
             self._nrec -= 1
@@ -475,7 +483,28 @@ class LineageTree:
         cg = self._cg.get(cgroup)
         if cg is None:
             cg = self._cg[cgroup] = CgStat(sys.intern(cgroup))
+            self._index(cg)
         return cg
+
+    @staticmethod
+    def _prefixes(path: str) -> Iterator[str]:
+        """The cgroup and each of its ancestors, the root ("") last."""
+        while path:
+            yield path
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+        yield ""
+
+    def _index(self, cg: CgStat) -> None:
+        for prefix in self._prefixes(cg.path):
+            self._under.setdefault(prefix, {})[cg.path] = cg
+
+    def _unindex(self, cg: CgStat) -> None:
+        for prefix in self._prefixes(cg.path):
+            under = self._under.get(prefix)
+            if under is not None:
+                under.pop(cg.path, None)
+                if not under:
+                    del self._under[prefix]
 
     def _neg_add(self, tgid: int, fam: _Family) -> None:
         neg = self._neg
@@ -599,6 +628,16 @@ class LineageTree:
         rec.flags &= ~STALE
         return True
 
+    def abandoned_recently(self, cgroups: Iterable[str], since_ns: int) -> bool:
+        """Did any of these cgroups see an abandonment at or after ``since_ns``?"""
+        if self.last_abandon_ns < since_ns:
+            return False
+        for path in cgroups:
+            cg = self._cg.get(path)
+            if cg is not None and cg.abandons and cg.abandons[-1][0] >= since_ns:
+                return True
+        return False
+
     def take_activity(self) -> set[str]:
         """Cgroups whose tracked processes forked, made threads or abandoned children since the
         last call."""
@@ -637,6 +676,7 @@ class LineageTree:
                 cg.abandons.popleft()
             if not cg.members and not cg.abandons:
                 del self._cg[cg.path]
+                self._unindex(cg)
         if not forget:
             return 0
         thresh = now - self.reset_interval_ns
@@ -664,7 +704,12 @@ class LineageTree:
         return self._live.get(tgid)
 
     def cgstats(self, cgroup: str, subtree: bool = True) -> list[CgStat]:
-        return [cg for path, cg in list(self._cg.items()) if within(path, cgroup, subtree)]
+        """The CgStats of ``cgroup`` (and, with ``subtree``, below it), in creation order."""
+        top = cgroup.strip("/")
+        if not subtree:
+            cg = self._cg.get(top)
+            return [cg] if cg is not None else []
+        return list(self._under.get(top, {}).values())
 
     def records_in(self, cgroup: str, subtree: bool = True) -> Iterator[Record]:
         """Records (live and placeholders) whose cgroup is ``cgroup`` or, with ``subtree``, below it."""

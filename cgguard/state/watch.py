@@ -47,13 +47,14 @@ PRESSURE_FAST = 0.5
 # With watches missing (max_user_watches reached), look for new cgroups this often.
 DEGRADED_RESCAN_NS = 2 * S
 V1_RETRY_NS = 200 * MS
+PARKED = 1 << 62  # due time of an empty cgroup: sampled again when it is populated
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
-    """One cgroup directory cgguard keeps track of."""
+    """One cgroup directory cgguard keeps track of (slots: 10,000 of them on a big node)."""
 
     rel: str
     watched: bool  # matches a watch glob (a candidate for verdicts and actions)
@@ -116,6 +117,7 @@ class Watcher:
         self.samples_taken = 0
         self.overflows = 0
         self.missing_watches = 0  # inotify watches the kernel refused (ENOSPC)
+        self.emptied: list[Node] = []  # found unpopulated by the last rescan, populated before
         self._next_degraded_rescan = 0
         self.ready = False
         # Set by the agent when fork events (proc connector) wake cgroups: only then may calm
@@ -176,16 +178,25 @@ class Watcher:
 
     def rescan(self) -> list[Node]:
         """Reconcile with the tree after lost inotify events: add what is new, drop what is gone,
-        re-read every watched cgroup's state. Returns the watched cgroups added."""
+        re-read every watched cgroup's state. Returns the watched cgroups added, and those found
+        populated that were not (their "populated 1" may have been lost: they are sampled again)."""
         for node in [n for n in self.nodes.values() if n.rel and not os.path.isdir(self.fs.abspath(n.rel))]:
             if self.nodes.get(node.rel) is node:
                 self._remove(node)
         root = self.nodes.get("")
         added = self._scan(root) if root is not None else []
+        new = {id(n) for n in added}
+        woke: list[Node] = []
+        self.emptied = []
         for n in self.nodes.values():
-            if n.watched:
+            if n.watched and id(n) not in new:  # a node just added read its cgroup.events
+                was = n.populated
                 self._read_events(n)
-        return [n for n in added if n.watched]
+                if n.populated and not was:
+                    woke.append(n)
+                elif was and not n.populated:
+                    self.emptied.append(n)
+        return [n for n in added if n.watched] + woke
 
     def maybe_rescan_degraded(self, now: int) -> list[Node]:
         if not self.missing_watches or now < self._next_degraded_rescan:
@@ -351,11 +362,18 @@ class Watcher:
         """Process pending inotify events. Returns (node, 'events'|'pids.events'|'added')
         notifications for watched cgroups."""
         out: list[tuple[Node, str]] = []
-        for ev in self.inotify.read(timeout=0):
+        events = self.inotify.read(timeout=0)
+        overflows = sum(1 for ev in events if ev.mask & flags.Q_OVERFLOW)
+        if overflows:
+            # One rescan finds every cgroup made or removed, those of this batch included: their
+            # events are not also handled one by one (16,000 of them took as long as the rescan).
+            # A cgroup whose populated 0 was lost (a kill's end) is reported as an event.
+            self.overflows += overflows
+            log.warning("inotify queue overflowed: rescanning the cgroup tree")
+            out += [(n, "added") for n in self.rescan()]
+            out += [(n, "events") for n in self.emptied]
+        for ev in events:
             if ev.mask & flags.Q_OVERFLOW:
-                self.overflows += 1
-                log.warning("inotify queue overflowed: rescanning the cgroup tree")
-                out += [(n, "added") for n in self.rescan()]
                 continue
             entry = self._wd.get(ev.wd)
             if entry is None:
@@ -368,7 +386,8 @@ class Watcher:
                         out.append((n, "pids.events"))
                 continue
             if kind == "dir":
-                out += self._dir_event(node, ev)
+                if not overflows:
+                    out += self._dir_event(node, ev)
             elif kind == "events":
                 self._read_events(node)
                 out.append((node, "events"))
@@ -421,9 +440,10 @@ class Watcher:
             return due
         return None
 
-    def due(self, now: int) -> list[Node]:
-        out = []
-        while self._heap and self._heap[0][0] <= now:
+    def due(self, now: int, limit: int | None = None) -> list[Node]:
+        """Cgroups whose sample is due, earliest first; at most ``limit`` (the rest stay due)."""
+        out: list[Node] = []
+        while self._heap and self._heap[0][0] <= now and (limit is None or len(out) < limit):
             due, _, node = heapq.heappop(self._heap)
             if self.nodes.get(node.rel) is node and node.due_ns == due:
                 out.append(node)
@@ -449,7 +469,14 @@ class Watcher:
             except (OSError, ValueError):
                 return 0
         total = 0
-        for n in (node, *node.descendants()):
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n is not node and not n.populated and n.events_wd is not None:
+                # Its cgroup.events watch says populated 0: no thread in it or below it. A watched
+                # parent of 10,000 mostly empty cgroups reads the few that hold tasks.
+                continue
+            stack.extend(n.children.values())
             if n.source != "cgroup.threads":
                 continue
             try:
@@ -488,6 +515,13 @@ class Watcher:
             interval = min(2 * node.interval_ns, self.sampling.calm_backoff_max_ms * MS)
         else:
             interval = slow
+        if tasks == 0 and not node.populated and node.events_wd is not None and now >= node.active_until_ns:
+            # Empty, and its cgroup.events watch says so: nothing can fork in it until a task
+            # enters, and that raises "populated 1", which samples it at once (hint_active; after
+            # an inotify overflow, rescan()). Thousands of empty cgroups then cost no wake-ups.
+            node.interval_ns = interval
+            node.due_ns = PARKED
+            return s
         self._schedule(node, now, interval)
         return s
 
