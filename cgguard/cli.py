@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer runs, for CI")
     b.add_argument("--out", metavar="DIR", default="results", help="results folder (default ./results)")
     b.add_argument("--only", action="append", metavar="NAME", help="run only these workloads")
+    b.add_argument("--cost", action="store_true", help="only the agent-cost scenarios: fork loads, busy node, 10,000 cgroups, scrape load")
 
     sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     return p

@@ -87,20 +87,23 @@ class LogLimit:
 
 def build_sinks(cfg: Config) -> list[Sink]:
     """The sinks the configuration asks for: the journal (on, or 'auto' and its socket exists),
-    the hook commands (when any are configured) and the webhook (when a URL is set)."""
-    from cgguard.sinks.hooks import HookRunner
-    from cgguard.sinks.journald import JournalSink
-    from cgguard.sinks.webhook import Webhook
-
+    the hook commands (when any are configured) and the webhook (when a URL is set). Each is
+    imported only when configured: the agent lives for months, and what it imports it keeps."""
     sinks: list[Sink] = []
     j = cfg.journal
     if j.enabled is True or (j.enabled == "auto" and os.path.exists(j.socket)):
+        from cgguard.sinks.journald import JournalSink
+
         sinks.append(JournalSink(j.socket))
     h = cfg.hooks
     if h.on_incident:
+        from cgguard.sinks.hooks import HookRunner
+
         sinks.append(HookRunner(h.on_incident, timeout_s=h.timeout_ms / 1000.0, max_concurrent=h.max_concurrent, queue=h.queue))
     w = h.webhook
     if w.url:
+        from cgguard.sinks.webhook import Webhook
+
         sinks.append(
             Webhook(
                 w.url,
