@@ -51,7 +51,10 @@ class BombRun:
     run: int
     detected: bool | None = None  # None: not applicable or not observable here
     removed: bool = False
-    detector: str | None = None
+    detector: str | None = None  # pinned | fill-hold | trajectory | lineage
+    evidence: str | None = None  # budget | trajectory | lineage
+    budget: int | None = None  # the task budget the verdict measured against
+    budget_source: str | None = None  # v2:<cgroup>, v1:<pids cgroup> or default
     action: str | None = None
     result: str | None = None
     start_to_verdict_ms: float | None = None  # spawn -> verdict (or the baseline's trigger)
@@ -173,20 +176,22 @@ class Bench:
             pass
         return None
 
-    def spawn(self, argv: list[str], cg: str, deadline_s: float, name: str, cwd: str | None = None) -> Running:
+    def spawn(self, argv: list[str], cg: str, deadline_s: float, name: str, cwd: str | None = None,
+              cap: int | None = None) -> Running:
         if cwd:
             # Sandbox.spawn has no cwd: change directory inside the contained process instead.
             argv = ["sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
-        return self.sb.spawn(argv, cg, deadline_s=deadline_s, cap=self.cap, name=name)
+        return self.sb.spawn(argv, cg, deadline_s=deadline_s, cap=cap or self.cap, name=name)
 
     def start_sampled(self, w_argv: list[str], cg: str, deadline_s: float, name: str, *,
-                      threshold: int | None = None, cwd: str | None = None) -> tuple[Running, Sampler, float, float]:
+                      threshold: int | None = None, cwd: str | None = None,
+                      cap: int | None = None) -> tuple[Running, Sampler, float, float]:
         """Arm the sampler, then spawn. Returns (workload, sampler, t0 monotonic, t0 wall)."""
         # The cap group is made by spawn(), so the sampler attaches right after Popen returns;
         # the contained shell needs longer than that to enter its cgroups, so nothing is missed.
         t0 = time.monotonic()
         t0_wall = time.time()
-        w = self.spawn(w_argv, cg, deadline_s, name, cwd)
+        w = self.spawn(w_argv, cg, deadline_s, name, cwd, cap)
         smp = Sampler(w.v1_dir, self.fs.abspath(cg), threshold=threshold)
         smp.begin(t0)
         smp.start()
@@ -247,7 +252,10 @@ def related(incs: list[dict[str, Any]], cg: str) -> list[dict[str, Any]]:
 def _describe(inc: dict[str, Any], cg: str) -> str:
     where = "" if inc["cgroup"] == cg else f" on {'ancestor' if cg.startswith(inc['cgroup'] + '/') else 'child'} {inc['cgroup']}"
     notes = "; ".join(inc.get("notes") or [])
-    return f"{inc.get('detector')} -> {inc.get('action')}: {inc.get('result')}{where}" + (f" ({notes})" if notes else "")
+    ev = f" on {inc['evidence']}" if inc.get("evidence") else ""
+    budget = f", budget {inc['budget']} ({inc.get('budget_source') or '?'})" if inc.get("budget") else ""
+    return (f"{inc.get('detector')}{ev} -> {inc.get('action')}: {inc.get('result')}{where}{budget}"
+            + (f" ({notes})" if notes else ""))
 
 
 def bomb_secs(wl: Workload) -> int:
@@ -268,8 +276,9 @@ def stalled(r: BombRun) -> bool:
 
 
 def zombies_observable(b: Bench) -> bool:
-    """A zombie pile shows only in pids.current; cgroup.threads and populated ignore zombies."""
-    return b.fs.has(b.sb.name, "pids.current")
+    """A zombie pile shows only in pids.current; cgroup.threads and populated ignore zombies. The
+    agent reads the pids counter its tasks are charged to: v2, or the v1 group on hybrid hosts."""
+    return b.sb.mode in ("v1-pids", "v2-pids") or b.fs.has(b.sb.name, "pids.current")
 
 
 def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombRun:
@@ -331,6 +340,9 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         if inc is not None:
             r.detected = True
             r.detector = inc.get("detector")
+            r.evidence = inc.get("evidence")
+            r.budget = inc.get("budget")
+            r.budget_source = inc.get("budget_source")
             r.action = inc.get("action")
             r.result = inc.get("result")
             r.start_to_verdict_ms = round((inc["time"] - t0_wall) * 1000, 1)
@@ -518,7 +530,7 @@ def events_probe(b: Bench, plan: list[tuple[str, int]], log=print) -> dict[str, 
         time.sleep(1.0)
         s0 = _pc(agent.status())
         if "forks" not in s0:
-            out["note"] = f"the agent exposes no proc-connector counters (procconn: {s0 or 'missing'})"
+            out["note"] = f"the agent exposes no proc-connector counters (connector: {s0 or 'missing'})"
             return out
         out["mode"] = s0.get("filter_mode") or s0.get("mode")
         out["rcvbuf"] = s0.get("rcvbuf")
