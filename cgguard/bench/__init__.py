@@ -161,8 +161,10 @@ def main(args: Any) -> int:
         return inguest.guest_main(args)
     try:
         # ``runs`` is not a CLI flag: the test suite uses it to keep its smoke run short.
+        guest_only = bool(getattr(args, "guest_only", False))
         plan = make_plan(quick, getattr(args, "only", None), getattr(args, "runs", None),
-                         shapes_only=bool(getattr(args, "shapes", False)), guest=bool(getattr(args, "guest", False)),
+                         shapes_only=guest_only or bool(getattr(args, "shapes", False)),
+                         guest=guest_only or bool(getattr(args, "guest", False)),
                          seed=getattr(args, "seed", None), count=getattr(args, "count", None))
     except PlanError as e:
         return _usage(str(e))
@@ -188,6 +190,9 @@ def main(args: Any) -> int:
         "notes": [f"skipped {s}" for s in plan.skipped],
         "errors": [],
     }
+    if plan.shapes:
+        res["shape_plan"] = {"seed": plan.shape_seed, "count": len(plan.shapes), "budget": plan.shape_budget,
+                             "generated": plan.shape_count}
     sb = Sandbox.create(fs, prefix="cgguard-bench", cap=CAP)
     res["machine"] = report.machine(fs, sb.mode, CAP, own=sb.name)
     _say(report.machine_line(res["machine"]))
@@ -291,11 +296,9 @@ def main(args: Any) -> int:
 
             _say("targets: runaways pinned at a readable limit, runaways that predate the agent")
             res["target_runs"] = targets.run_targets(b, fs, quick, _say, attempt, within_budget)
-        if plan.shapes:
+        if plan.shapes and not guest_only:
             from . import generated
 
-            res["shape_plan"] = {"seed": plan.shape_seed, "count": len(plan.shapes), "budget": plan.shape_budget,
-                                 "generated": plan.shape_count}
             res["shape_arenas"] = generated.run_host(fs, sb, b.tmp, plan.shapes, plan.shape_budget, _say,
                                                      lambda need: time.monotonic() - t_start + need <= plan.budget_s,
                                                      res["errors"])

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only these workloads (or: cost, events, targets, shapes)")
     p.add_argument("--shapes", action="store_true", help="run only the generated shapes (with and without a limit)")
     p.add_argument("--guest", action="store_true", help="also run the generated shapes in the pure cgroup-v2 guest")
+    p.add_argument("--guest-only", action="store_true", help="run only the generated shapes, only in the guest")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the generated shapes (default: fixed)")
     p.add_argument("--count", type=_positive, metavar="N", help="number of generated shapes (default 120)")
     # Internal: how the host runs the guest's part.

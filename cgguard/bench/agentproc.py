@@ -36,7 +36,7 @@ class AgentProcess:
     """``python -m cgguard run --watch GLOB ...`` with a private state dir and control socket."""
 
     def __init__(self, workdir: str, watch: list[str], *extra: str, env: dict[str, str] | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, nice: int | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.config_path: str | None = None
         if config:
@@ -63,7 +63,10 @@ class AgentProcess:
         self._log = open(self.log_path, "w+")
         # Default settings unless ``config`` is given: CGGUARD_CONFIG must not change them.
         env = {**{k: v for k, v in os.environ.items() if k != "CGGUARD_CONFIG"}, **(env or {})}
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # ``nice``: start it as deploy/systemd/cgguard.service does (Nice=-10), for trials where a
+        # bomb already competes for the CPU while the agent starts.
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self._ps = psutil.Process(self.proc.pid)
 
     # -- life cycle ------------------------------------------------------------------------

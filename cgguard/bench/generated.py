@@ -30,6 +30,7 @@ its computed peak, is a bench error (the generator was wrong), which fails the r
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -179,12 +180,25 @@ class ArenaAgent:
 
 
 class ShapeBench:
-    """Runs shapes in arenas, one trial at a time."""
+    """Runs shapes in arenas, one trial at a time.
 
-    def __init__(self, fs: CgroupFS, sb: Sandbox, tmp: str, log: Callable[[str], None] = print):
+    ``time_scale`` stretches every shape's deadline and ``sample_period_s`` spaces the bench's
+    own samples: the emulated guest runs everything several times slower, and a 1 ms realtime
+    sampler there would take the CPU the shapes need.
+    """
+
+    def __init__(self, fs: CgroupFS, sb: Sandbox, tmp: str, log: Callable[[str], None] = print, *,
+                 time_scale: float = 1.0, sample_period_s: float = 0.001):
         self.fs, self.sb, self.tmp, self.log = fs, sb, tmp, log
         self.kit = ShapeKit(os.path.join(tmp, "shapes"))
+        self.time_scale = time_scale
+        self.sample_period_s = sample_period_s
         self._n = 0
+
+    def prepare(self, shapes: list[Shape]) -> None:
+        """Build the programs before any trial: a compile must not eat a shape's deadline."""
+        if any(s.kind in ("c-proc", "c-thread") and not ShapeKit.missing(s) for s in shapes):
+            self.kit.c_binary()
 
     # -- plumbing ----------------------------------------------------------------------------
     def _count(self, arena: Arena, w) -> int | None:
@@ -216,12 +230,15 @@ class ShapeBench:
             time.sleep(0.02)
 
     # -- one trial ---------------------------------------------------------------------------
-    def run(self, arena: Arena, agent: ArenaAgent, s: Shape) -> ShapeRun:
+    def run(self, arena: Arena, agent: ArenaAgent, s: Shape, retry: str = "") -> ShapeRun:
         r = ShapeRun(s.name, s.label, s.kind, s.topology, arena.host, arena.limited, arena.budget, s.describe())
         if s.budget != arena.budget:
             r.notes.append(f"generated for budget {s.budget}, run at {arena.budget}")
-        secs = s.deadline_s()
+        secs = math.ceil(s.deadline_s() * self.time_scale * (2 if retry else 1))
         r.deadline_s = secs
+        if retry:
+            r.notes.append(f"second attempt with twice the deadline: the first time it never reached half its "
+                           f"budget ({retry})")
         self._n += 1
         cg = f"{arena.parent}/t{self._n:03d}-{s.name}"[:200]
         self.fs.mkdir(cg)
@@ -233,7 +250,8 @@ class ShapeBench:
                 argv = self.kit.argv(s, secs, done)
                 t0, t0_wall = time.monotonic(), time.time()
                 w = self.sb.spawn(argv, cg, deadline_s=secs + 2, cap=arena.cap, name=s.name)
-                smp = Sampler(w.v1_dir, self.fs.abspath(cg), count_dir=arena.count_dir)
+                smp = Sampler(w.v1_dir, self.fs.abspath(cg), count_dir=arena.count_dir,
+                              period_s=self.sample_period_s, record_every_s=max(0.002, self.sample_period_s))
                 smp.begin(t0)
                 smp.start()
                 smp.started_evt.wait(1)
@@ -268,6 +286,8 @@ class ShapeBench:
                 self._judge_benign(r, incs)
             else:
                 self._judge_bomb(r, incs, series, secs)
+                if r.outcome == "FN" and not incs and (r.peak or 0) * 2 < arena.budget:
+                    r.outcome = "STALL"  # it never grew to half its budget: says nothing about cgguard
             if r.outcome in ("FN", "FP") or r.parent_actions:
                 r.incident_records = incs
                 r.notes.append(f"agent log: {a.log_path}")
@@ -361,6 +381,7 @@ def run_arena(sbench: ShapeBench, arena: Arena, shapes: list[Shape], *, log: Cal
                            "budget": arena.budget, "setup": arena.describe(), "agent_config": arena.agent_config,
                            "runs": [], "skipped": [], "errors": []}
     agent = ArenaAgent(sbench.tmp, arena, log)
+    sbench.prepare(shapes)
     log(f"shapes, {HOSTS[arena.host]}, {'with' if arena.limited else 'without'} limit: {arena.describe()}; "
         f"{len(shapes)} shapes, one agent")
     try:
@@ -374,6 +395,13 @@ def run_arena(sbench: ShapeBench, arena: Arena, shapes: list[Shape], *, log: Cal
                 continue
             try:
                 r = sbench.run(arena, agent, s)
+                if r.outcome == "STALL" and until(2 * s.deadline_s() * sbench.time_scale + 3):
+                    log(f"  {s.name}: never reached half its budget (peak {r.peak}) before its deadline: once more")
+                    r = sbench.run(arena, agent, s, retry=f"peak {r.peak}")
+                if r.outcome == "STALL":
+                    r.outcome = "ERR"
+                    r.notes.append(f"bench error (not cgguard): the bomb never reached half its budget "
+                                   f"(peak {r.peak}) before its deadline")
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one broken trial must not leave the others unmeasured

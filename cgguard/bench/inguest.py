@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 GUEST_OUT = "bench"  # below the guest's results share
+GUEST_TIME_SCALE = 3.0  # shapes' deadlines in the guest, relative to the host's
 RESULTS_FILE = "shapes.json"
 
 
@@ -118,7 +119,9 @@ def guest_main(args: Any) -> int:
     tmp = tempfile.mkdtemp(prefix="cgguard-bench-")
     rc = 0
     try:
-        sbench = generated.ShapeBench(fs, sb, tmp, say)
+        # The guest emulates its CPUs: shapes grow several times slower, and the bench's samples
+        # must leave them the CPU (see ShapeBench).
+        sbench = generated.ShapeBench(fs, sb, tmp, say, time_scale=GUEST_TIME_SCALE, sample_period_s=0.005)
         for limited in (True, False):
             arena = generated.make_arena(fs, sb, limited, budget)
             live: dict[str, Any] = {"arena": arena.key, "host": generated.HOSTS[arena.host], "limited": limited,
