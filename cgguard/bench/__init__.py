@@ -64,6 +64,7 @@ class Plan:
     shape_budget: int = 256  # the task budget of every arena; bounded shapes stay under half of it
     shape_seed: int = 0
     shape_count: int = 0
+    shape_names: list[str] = field(default_factory=list)  # --shape: only these (name prefixes)
     guest: bool = False  # run the shapes in the pure-v2 guest too
     guest_budget_s: float = 0.0
 
@@ -74,7 +75,7 @@ class PlanError(Exception):
 
 def make_plan(quick: bool, only: list[str] | None, classic_runs: int | None = None, *,
               shapes_only: bool = False, guest: bool = False, seed: int | None = None,
-              count: int | None = None) -> Plan:
+              count: int | None = None, shape_names: list[str] | None = None) -> Plan:
     names = set(only or [])
     unknown = names - set(WORKLOADS) - set(EXTRA_NAMES)
     if unknown:
@@ -113,12 +114,12 @@ def make_plan(quick: bool, only: list[str] | None, classic_runs: int | None = No
     )
     if shapes_only:
         plan.cost, plan.events = False, []
-    _plan_extras(plan, names, quick, shapes_only, guest, seed, count)
+    _plan_extras(plan, names, quick, shapes_only, guest, seed, count, shape_names)
     return plan
 
 
 def _plan_extras(plan: Plan, names: set[str], quick: bool, shapes_only: bool, guest: bool,
-                 seed: int | None, count: int | None) -> None:
+                 seed: int | None, count: int | None, pick: list[str] | None) -> None:
     """Targets, generated shapes and the guest: asked for by name with --only, else in every run."""
     from cgguard.testkit import shapes
 
@@ -128,6 +129,12 @@ def _plan_extras(plan: Plan, names: set[str], quick: bool, shapes_only: bool, gu
     if shapes_only or not names or "shapes" in names:
         family = shapes.generate(plan.shape_seed, plan.shape_count, plan.shape_budget)
         plan.shapes = shapes.quick_subset(family) if quick and not count else family
+        if pick:
+            plan.shape_names = list(pick)
+            plan.shapes = [s for s in family if any(s.name.startswith(p) for p in pick)]
+            if not plan.shapes:
+                raise PlanError(f"no generated shape starts with {', '.join(pick)} (seed {plan.shape_seed}, "
+                                f"{plan.shape_count} shapes: s000 to s{plan.shape_count - 1:03d})")
     plan.guest = guest and bool(plan.shapes)
     # Each arena's trials take ~2.5 s on average here (bombs drain their zombies between trials).
     per_trial = 2.6
@@ -165,7 +172,8 @@ def main(args: Any) -> int:
         plan = make_plan(quick, getattr(args, "only", None), getattr(args, "runs", None),
                          shapes_only=guest_only or bool(getattr(args, "shapes", False)),
                          guest=guest_only or bool(getattr(args, "guest", False)),
-                         seed=getattr(args, "seed", None), count=getattr(args, "count", None))
+                         seed=getattr(args, "seed", None), count=getattr(args, "count", None),
+                         shape_names=getattr(args, "shape", None))
     except PlanError as e:
         return _usage(str(e))
     except Exception as e:  # a shape generator that cannot make its family (ShapeError)
@@ -355,6 +363,9 @@ def correctness(res: dict[str, Any]) -> list[str]:
             problems.append(f"{r.workload} run {r.run}: not removed ({r.result})")
         if r.survivors:
             problems.append(f"{r.workload} run {r.run}: {r.survivors} survivors")
+        if r.parent_actions:
+            problems.append(f"{r.workload} run {r.run}: cgguard acted on an ancestor of the bomb's cgroup "
+                            f"({r.parent_actions} actions): everything beside the bomb would go with it")
         if r.innocents and (r.innocents_alive or 0) < r.innocents:
             problems.append(f"{r.workload} run {r.run}: {r.innocents - (r.innocents_alive or 0)} innocents killed")
     for r in res["benign_runs"]:

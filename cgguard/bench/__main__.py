@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest", action="store_true", help="also run the generated shapes in the pure cgroup-v2 guest")
     p.add_argument("--guest-only", action="store_true", help="run only the generated shapes, only in the guest")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the generated shapes (default: fixed)")
-    p.add_argument("--count", type=_positive, metavar="N", help="number of generated shapes (default 120)")
+    p.add_argument("--count", type=_positive, metavar="N", help="number of generated shapes (default 104)")
+    p.add_argument("--shape", action="append", metavar="NAME",
+                   help="run only the generated shapes whose name starts with NAME (e.g. s027), to reproduce one")
     # Internal: how the host runs the guest's part.
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape-budget", type=_positive, help=argparse.SUPPRESS)

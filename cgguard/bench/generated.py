@@ -115,6 +115,7 @@ class ShapeRun:
     start_to_verdict_ms: float | None = None
     start_to_gone_ms: float | None = None
     verdict_to_gone_ms: float | None = None
+    limit_hit_ms: float | None = None  # the count first reached the kernel cap (readable or not)
     peak: int | None = None  # the cap group's kernel pids.peak (hybrid) or the 1 ms sampler's (v2)
     peak_bound: int | None = None  # bounded shapes: computed from the parameters
     leaves_done: int | None = None
@@ -250,7 +251,8 @@ class ShapeBench:
                 argv = self.kit.argv(s, secs, done)
                 t0, t0_wall = time.monotonic(), time.time()
                 w = self.sb.spawn(argv, cg, deadline_s=secs + 2, cap=arena.cap, name=s.name)
-                smp = Sampler(w.v1_dir, self.fs.abspath(cg), count_dir=arena.count_dir,
+                cap = arena.cap or (arena.budget if arena.limited else None)
+                smp = Sampler(w.v1_dir, self.fs.abspath(cg), count_dir=arena.count_dir, threshold=cap,
                               period_s=self.sample_period_s, record_every_s=max(0.002, self.sample_period_s))
                 smp.begin(t0)
                 smp.start()
@@ -272,6 +274,8 @@ class ShapeBench:
             r.exit_code = w.proc.poll()
             r.peak = self._peak(w, smp)
             series = smp.series
+            if series.t_threshold is not None:
+                r.limit_hit_ms = round(series.t_threshold * 1000, 1)
             own = [i for i in incs if not cg.startswith(i["cgroup"] + "/")] or incs
             first = next((i for i in own if i.get("result") != "detected"), own[0] if own else None)
             if first is not None:
@@ -358,6 +362,10 @@ class ShapeBench:
                 r.verdict_to_gone_ms = round(r.start_to_gone_ms - r.start_to_verdict_ms, 1)
             return
         r.outcome = "FN"
+        if r.limit_hit_ms is not None and not r.limited and (r.start_to_verdict_ms is None
+                                                             or r.start_to_verdict_ms > r.limit_hit_ms):
+            r.notes.append(f"held at the bench's safety cap from {r.limit_hit_ms:.0f} ms, before any verdict: a limit the "
+                           "agent cannot read (as pid_max, threads-max, RLIMIT_NPROC would be) stopped its growth")
         if not incs:
             r.notes.append(f"no incident before its deadline ({secs - 1:.0f} s)")
         elif not removed:

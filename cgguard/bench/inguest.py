@@ -46,6 +46,8 @@ def run_guest(plan: Any, out_dir: str, log) -> dict[str, Any]:
             "--shape-budget", str(plan.shape_budget), "--time-budget", str(int(plan.guest_budget_s))]
     if plan.quick and len(plan.shapes) < plan.shape_count:
         argv.append("--quick")
+    for name in getattr(plan, "shape_names", None) or []:
+        argv += ["--shape", name]
     env = {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
     timeout = plan.guest_budget_s + 240  # boot, image checks, agent starts: the bench inside stops itself first
     log(f"  booting the guest (timeout {timeout:.0f} s); results in {results}")
@@ -94,6 +96,9 @@ def guest_main(args: Any) -> int:
     family = shapes_mod.generate(seed, count, budget)
     if getattr(args, "quick", False):
         family = shapes_mod.quick_subset(family)
+    pick = getattr(args, "shape", None)
+    if pick:
+        family = [s for s in family if any(s.name.startswith(p) for p in pick)]
     time_budget = float(getattr(args, "time_budget", None) or 3600)
 
     def say(msg: str) -> None:

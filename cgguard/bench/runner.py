@@ -69,6 +69,7 @@ class BombRun:
     innocents: int = 0
     innocents_alive: int | None = None
     incidents: int | None = None  # cgguard incidents touching the trial's cgroup (ancestors too)
+    parent_actions: int = 0  # of those, actions on an ancestor of the trial's cgroup (collateral)
     incident_log: list[str] = field(default_factory=list)  # each: detector -> action: result (notes)
     tasks_held: int | None = None  # cap group's pids.current at the end of the window
     bomb_cpu_s: float | None = None  # CPU the bomb's cgroup used until removal / window end
@@ -332,6 +333,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         if inc is not None:
             inc = next((i for i in alls if i["id"] == inc["id"]), inc)
         r.incident_log = [_describe(i, cg) for i in alls]
+        r.parent_actions = sum(1 for i in alls if cg.startswith(i["cgroup"] + "/") and i.get("action") != "report")
         if len(alls) > 1:
             r.notes += [f"incident {n + 1}: {d}" for n, d in enumerate(r.incident_log)]
         r.bomb_cpu_s = b.cpu_usage_s(cg)
