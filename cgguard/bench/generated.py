@@ -270,7 +270,7 @@ class ShapeBench:
             above = [i for i in incs if cg.startswith(i["cgroup"] + "/") and i.get("action") != "report"]
             r.parent_actions = len(above)
             if above:
-                r.notes.append(f"acted on an ancestor of the trial: {'; '.join(_describe(i, cg) for i in above)}")
+                r.notes.append(f"acted {len(above)}x on an ancestor of the trial, first: {_describe(above[0], cg)}")
             r.exit_code = w.proc.poll()
             r.peak = self._peak(w, smp)
             series = smp.series
@@ -369,7 +369,8 @@ class ShapeBench:
         if not incs:
             r.notes.append(f"no incident before its deadline ({secs - 1:.0f} s)")
         elif not removed:
-            r.notes.append("detected, not removed: " + "; ".join(r.incident_log))
+            results = sorted({str(i.get("result")) for i in incs})
+            r.notes.append(f"detected, not removed ({len(incs)} incidents, results: {', '.join(results)})")
         else:
             r.notes.append("removed only at or after its own deadline")
 

@@ -442,7 +442,9 @@ def _shapes_markdown(res: dict[str, Any]) -> list[str]:
         L += ["### Misses, false kills and bench errors", ""]
         rows = []
         for a, r in bad:
-            inc = "; ".join(r.incident_log) or "none"
+            inc = "; ".join(r.incident_log[:3]) or "none"
+            if len(r.incident_log) > 3:
+                inc += f"; and {len(r.incident_log) - 3} more"
             rows.append([r.outcome, a["arena"], r.shape, r.about, _f(r.peak) + (f" / {r.peak_bound}" if r.peak_bound else ""),
                          _f(r.start_to_verdict_ms), inc, "; ".join(r.notes)])
         L += _table(["outcome", "arena", "shape", "what it is", "peak / bound", "start→verdict ms", "incidents", "note"], rows)
