@@ -42,7 +42,7 @@ from cgguard.testkit.sandbox import Sandbox
 from cgguard.testkit.shapes import Shape, ShapeKit
 
 from .agentproc import AgentProcess, AgentStartError
-from .runner import _describe, median, related
+from .runner import _describe, agent_view, median, related
 from .sampler import Sampler, realtime
 
 SAFETY_FACTOR = 8  # hybrid host, without limit: the v1 cap is this many budgets (<= 2048 tasks)
@@ -246,6 +246,7 @@ class ShapeBench:
         done = os.path.join(self.tmp, f"done-{self._n:03d}") if s.bounded else ""
         a = agent.get()
         w = smp = None
+        view = ""
         try:
             with realtime():
                 argv = self.kit.argv(s, secs, done)
@@ -261,6 +262,8 @@ class ShapeBench:
                     self._await_benign(smp, w, t0, secs)
                 else:
                     self._await_bomb(a, smp, cg, t0, t0_wall, secs)
+                    if not smp.unpopulated.is_set():
+                        view = agent_view(a, cg)  # before the bench's own kill changes it
             r.duration_s = round(time.monotonic() - t0, 2)
             if s.bounded:
                 time.sleep(0.3)  # a verdict made at the very end still lands in the log
@@ -292,6 +295,8 @@ class ShapeBench:
                 self._judge_bomb(r, incs, series, secs)
                 if r.outcome == "FN" and not incs and (r.peak or 0) * 2 < arena.budget:
                     r.outcome = "STALL"  # it never grew to half its budget: says nothing about cgguard
+            if r.outcome in ("FN", "STALL") and view:
+                r.notes.append(view)
             if r.outcome in ("FN", "FP") or r.parent_actions:
                 r.incident_records = incs
                 r.notes.append(f"agent log: {a.log_path}")

@@ -245,6 +245,20 @@ class Bench:
 
 
 # -- cgguard on bombs ------------------------------------------------------------------------
+def agent_view(agent: AgentProcess, cg: str) -> str:
+    """What the agent thinks of a cgroup now (tasks, budget and its source): for a bomb it missed,
+    the first question is whether it measured against the limit the bench set."""
+    try:
+        st = agent.status(timeout=3)
+    except (OSError, ValueError) as e:
+        return f"agent status unavailable ({e})"
+    c = next((x for x in st.get("cgroups", []) if x.get("path") == cg), None)
+    if c is None:
+        return "the agent does not watch it"
+    return (f"agent's view: {c.get('tasks')} tasks ({c.get('source')}), budget {c.get('budget')} "
+            f"({c.get('budget_source') or 'none'}), forks refused {c.get('forks_refused')}, state {c.get('state')}")
+
+
 def related(incs: list[dict[str, Any]], cg: str) -> list[dict[str, Any]]:
     """Incidents that touch a trial's cgroup: on it, below it, or on an ancestor (which acts on it too)."""
     return [i for i in incs if i["cgroup"] == cg or i["cgroup"].startswith(cg + "/") or cg.startswith(i["cgroup"] + "/")]
@@ -324,6 +338,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
                 break
             time.sleep(0.3)  # let a straggler show itself before counting
             live = len(b.sb.live_pids(w))
+            view = agent_view(agent, cg) if inc is None else ""
             time.sleep(max(0.0, t0 + hold_s - time.monotonic()))
         r.agent_cpu_s = round(agent.cpu_seconds() - cpu0, 3)
         # Every action taken on this trial, in order: a first action that left part of the bomb
@@ -363,7 +378,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         else:
             r.detected = False
             r.survivors = live  # the bomb, still there at the end of the window
-            r.notes.append(f"no incident within {secs - 1.2:.1f} s")
+            r.notes.append(f"no incident within {secs - 1.2:.1f} s; {view}")
         if wl.zombies and not zombies_observable(b):
             r.notes.insert(0, NOT_OBSERVABLE)
             if inc is None:
