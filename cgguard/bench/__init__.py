@@ -140,7 +140,7 @@ def _plan_extras(plan: Plan, names: set[str], quick: bool, shapes_only: bool, gu
     per_trial = 2.6
     plan.budget_s += (30 if plan.targets and quick else 90 if plan.targets else 0) + per_trial * 2 * len(plan.shapes)
     # The guest emulates its CPU (TCG): several times slower than the host, boot included.
-    plan.guest_budget_s = 300 + 4 * per_trial * 2 * len(plan.shapes) if plan.guest else 0.0
+    plan.guest_budget_s = 300 + 12.0 * 2 * len(plan.shapes) if plan.guest else 0.0
 
 
 def _say(msg: str) -> None:

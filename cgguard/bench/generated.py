@@ -33,18 +33,21 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
 from cgguard.testkit.sandbox import Sandbox
-from cgguard.testkit.shapes import Shape, ShapeKit
+from cgguard.testkit.shapes import SPAWN_S, Shape, ShapeKit
 
 from .agentproc import AgentProcess, AgentStartError
 from .runner import _describe, agent_view, median, related
 from .sampler import Sampler, realtime
 
+MAX_TIME_SCALE = 12.0
+MAX_DEADLINE_S = 150
 SAFETY_FACTOR = 8  # hybrid host, without limit: the v1 cap is this many budgets (<= 2048 tasks)
 MAX_SAFETY_CAP = 2048
 KILL_BUDGET = {"max_actions": 10_000, "per_seconds": 60, "node_max_actions": 100_000}
@@ -193,13 +196,28 @@ class ShapeBench:
         self.fs, self.sb, self.tmp, self.log = fs, sb, tmp, log
         self.kit = ShapeKit(os.path.join(tmp, "shapes"))
         self.time_scale = time_scale
+        self.scales: dict[tuple[str, bool], float] = {}  # (kind, exec) -> measured time scale
         self.sample_period_s = sample_period_s
         self._n = 0
 
     def prepare(self, shapes: list[Shape]) -> None:
-        """Build the programs before any trial: a compile must not eat a shape's deadline."""
+        """Build the programs before any trial: a compile must not eat a shape's deadline. Where
+        time runs slower (the guest), measure how much slower bash starts, forked and exec'd."""
         if any(s.kind in ("c-proc", "c-thread") and not ShapeKit.missing(s) for s in shapes):
             self.kit.c_binary()
+        if self.time_scale > 1 and not self.scales and shutil.which("bash"):
+            for ex, script, n in ((False, "for ((i = 0; i < 20; i++)); do ( : ); done", 20),
+                                  (True, "for ((i = 0; i < 10; i++)); do bash -c :; done", 10)):
+                t = time.monotonic()
+                subprocess.run(["bash", "-c", script], stdin=subprocess.DEVNULL, timeout=120, check=False)
+                per = (time.monotonic() - t) / n
+                self.scales[("bash", ex)] = min(MAX_TIME_SCALE, max(self.time_scale, per / SPAWN_S[("bash", ex)]))
+            scales = ", ".join(f"{kind} {'exec' if ex else 'fork'} x{v:.1f}" for (kind, ex), v in self.scales.items())
+            self.log(f"  time scales here: {scales}, others x{self.time_scale:g}")
+
+    def deadline(self, s: Shape) -> int:
+        scale = self.scales.get((s.kind, s.exec), self.time_scale)
+        return min(MAX_DEADLINE_S, math.ceil(s.deadline_s() * scale))
 
     # -- plumbing ----------------------------------------------------------------------------
     def _count(self, arena: Arena, w) -> int | None:
@@ -235,11 +253,10 @@ class ShapeBench:
         r = ShapeRun(s.name, s.label, s.kind, s.topology, arena.host, arena.limited, arena.budget, s.describe())
         if s.budget != arena.budget:
             r.notes.append(f"generated for budget {s.budget}, run at {arena.budget}")
-        secs = math.ceil(s.deadline_s() * self.time_scale * (2 if retry else 1))
+        secs = self.deadline(s) * (2 if retry else 1)
         r.deadline_s = secs
         if retry:
-            r.notes.append(f"second attempt with twice the deadline: the first time it never reached half its "
-                           f"budget ({retry})")
+            r.notes.append(f"second attempt with twice the deadline: the first time it {retry}")
         self._n += 1
         cg = f"{arena.parent}/t{self._n:03d}-{s.name}"[:200]
         self.fs.mkdir(cg)
@@ -291,10 +308,15 @@ class ShapeBench:
                 r.leaves_expected = s.leaves()
                 r.leaves_done = os.path.getsize(done) if os.path.exists(done) else 0
                 self._judge_benign(r, incs)
+                if r.outcome == "ERR" and r.duration_s is not None and r.duration_s >= secs - 0.5 \
+                        and (r.leaves_done or 0) < (r.leaves_expected or 0):
+                    r.outcome = "STALL"  # still working at its deadline: too slow here, not killed
             else:
                 self._judge_bomb(r, incs, series, secs)
-                if r.outcome == "FN" and not incs and (r.peak or 0) * 2 < arena.budget:
-                    r.outcome = "STALL"  # it never grew to half its budget: says nothing about cgguard
+                if r.outcome == "FN" and not incs and (r.peak or 0) < 0.95 * arena.budget:
+                    # It never reached its budget before its deadline: a slow runaway is decided as
+                    # it nears its budget (the model), so this trial says nothing about cgguard.
+                    r.outcome = "STALL"
             if r.outcome in ("FN", "STALL") and view:
                 r.notes.append(view)
             if r.outcome in ("FN", "FP") or r.parent_actions:
@@ -404,18 +426,20 @@ def run_arena(sbench: ShapeBench, arena: Arena, shapes: list[Shape], *, log: Cal
             if why:
                 out["skipped"].append(f"{s.name}: {why}")
                 continue
-            if not until(s.deadline_s() + 3):
+            if not until(sbench.deadline(s) + 3):
                 out["skipped"].append(f"{s.name}: time budget reached")
                 continue
             try:
                 r = sbench.run(arena, agent, s)
-                if r.outcome == "STALL" and until(2 * s.deadline_s() * sbench.time_scale + 3):
-                    log(f"  {s.name}: never reached half its budget (peak {r.peak}) before its deadline: once more")
-                    r = sbench.run(arena, agent, s, retry=f"peak {r.peak}")
+                if r.outcome == "STALL" and until(2 * sbench.deadline(s) + 3):
+                    what = "never reached its budget" if s.label == "bomb" else "had not finished"
+                    log(f"  {s.name}: {what} (peak {r.peak}) by its deadline: once more, with twice the time")
+                    r = sbench.run(arena, agent, s, retry=f"{what}, peak {r.peak}")
                 if r.outcome == "STALL":
                     r.outcome = "ERR"
-                    r.notes.append(f"bench error (not cgguard): the bomb never reached half its budget "
-                                   f"(peak {r.peak}) before its deadline")
+                    r.notes.append("bench error (not cgguard): " + (
+                        f"the bomb never reached its budget (peak {r.peak}) before its deadline" if s.label == "bomb"
+                        else f"still working at its deadline ({r.leaves_done} of {r.leaves_expected} leaves)"))
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one broken trial must not leave the others unmeasured
