@@ -23,9 +23,13 @@ is left and waits until the cap group (or the arena's parent) counts no task at 
 included, which stay charged for a second or two here -- before the next one starts.
 
 Outcomes: a bomb removed (incident removed/gone and ``populated 0``) before its own deadline is a
-TP, anything else an FN; a bounded shape that any incident touched is an FP, one that finished
-its work untouched a TN. A bounded shape that neither finished nor was touched, or that went over
-its computed peak, is a bench error (the generator was wrong), which fails the run too.
+TP; one that was detected but not removed, or that reached its budget and was not removed, an FN.
+A bomb that never reached its budget before its deadline was too slow *here* to say anything (the
+model decides slow runaways as they near their budget): it is run once more with twice the time,
+then counted as a bench error. A bounded shape that any incident touched is an FP, one that
+finished its work untouched a TN; one still working at its deadline gets the same second chance;
+one that broke otherwise, or went over its computed peak, is a bench error (the generator was
+wrong). Bench errors fail the run too, apart from cgguard's own mistakes.
 """
 
 from __future__ import annotations
@@ -410,80 +414,90 @@ def trial_incidents(a: AgentProcess, cg: str, t0_wall: float) -> list[dict[str, 
 
 
 # -- a whole arena --------------------------------------------------------------------------
-def run_arena(sbench: ShapeBench, arena: Arena, shapes: list[Shape], *, log: Callable[[str], None],
-              until: Callable[[float], bool], on_run: Callable[[ShapeRun], None] | None = None) -> dict[str, Any]:
-    """Every shape in ``arena`` with one agent. ``until(need_s)`` says whether time remains."""
-    out: dict[str, Any] = {"arena": arena.key, "host": HOSTS[arena.host], "limited": arena.limited,
-                           "budget": arena.budget, "setup": arena.describe(), "agent_config": arena.agent_config,
-                           "runs": [], "skipped": [], "errors": []}
-    agent = ArenaAgent(sbench.tmp, arena, log)
+def _arena_out(arena: Arena) -> dict[str, Any]:
+    return {"arena": arena.key, "host": HOSTS[arena.host], "limited": arena.limited, "budget": arena.budget,
+            "setup": arena.describe(), "agent_config": arena.agent_config, "runs": [], "skipped": [], "errors": []}
+
+
+def _trial(sbench: ShapeBench, arena: Arena, agent: ArenaAgent, s: Shape, out: dict[str, Any],
+           log: Callable[[str], None], until: Callable[[float], bool]) -> ShapeRun | None:
+    """One shape in one arena, with its second chance if it was too slow here to say anything."""
+    why = ShapeKit.missing(s)
+    if why:
+        out["skipped"].append(f"{s.name}: {why}")
+        return None
+    if not until(sbench.deadline(s) + 3):
+        out["skipped"].append(f"{s.name}: time budget reached")
+        return None
+    try:
+        r = sbench.run(arena, agent, s)
+        if r.outcome == "STALL" and until(2 * sbench.deadline(s) + 3):
+            what = "never reached its budget" if s.label == "bomb" else "had not finished"
+            log(f"  {s.name}: {what} (peak {r.peak}) by its deadline: once more, with twice the time")
+            r = sbench.run(arena, agent, s, retry=f"{what}, peak {r.peak}")
+        if r.outcome == "STALL":
+            r.outcome = "ERR"
+            r.notes.append("bench error (not cgguard): " + (
+                f"the bomb never reached its budget (peak {r.peak}) before its deadline" if s.label == "bomb"
+                else f"still working at its deadline ({r.leaves_done} of {r.leaves_expected} leaves)"))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # one broken trial must not leave the others unmeasured
+        out["errors"].append(f"{arena.key} {s.name}: {type(e).__name__}: {e}")
+        log(f"  {s.name} ({arena.key}): ERROR {type(e).__name__}: {e}")
+        return None
+    out["runs"].append(r)
+    extra = f" ({'; '.join(r.notes)})" if r.outcome not in ("TP", "TN") or r.notes else ""
+    how = f"{r.detector}/{r.evidence} -> {r.action}: {r.result}" if r.detector else "no incident"
+    log(f"  {r.outcome} {s.name} [{'with' if arena.limited else 'without'}]: {how}, verdict {r.start_to_verdict_ms} ms, "
+        f"gone {r.start_to_gone_ms} ms, peak {r.peak}" + (f"/{r.peak_bound}" if r.peak_bound else "") + extra)
+    return r
+
+
+def run_arenas(sbench: ShapeBench, arenas: list[Arena], shapes: list[Shape], *, log: Callable[[str], None],
+               until: Callable[[float], bool],
+               on_run: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every shape in every arena, one agent per arena, interleaved shape by shape: a time budget
+    that runs out leaves every arena with the same shapes measured. ``until(need_s)`` says whether
+    time remains; ``on_run`` gets the results so far after each trial."""
+    outs = [_arena_out(a) for a in arenas]
+    agents = [ArenaAgent(sbench.tmp, a, log) for a in arenas]
     sbench.prepare(shapes)
-    log(f"shapes, {HOSTS[arena.host]}, {'with' if arena.limited else 'without'} limit: {arena.describe()}; "
-        f"{len(shapes)} shapes, one agent")
+    for a in arenas:
+        log(f"shapes, {HOSTS[a.host]}, {'with' if a.limited else 'without'} limit: {a.describe()}")
+    log(f"{len(shapes)} shapes in {len(arenas)} arenas, one agent each, one trial at a time")
     try:
         for s in shapes:
-            why = ShapeKit.missing(s)
-            if why:
-                out["skipped"].append(f"{s.name}: {why}")
-                continue
-            if not until(sbench.deadline(s) + 3):
-                out["skipped"].append(f"{s.name}: time budget reached")
-                continue
-            try:
-                r = sbench.run(arena, agent, s)
-                if r.outcome == "STALL" and until(2 * sbench.deadline(s) + 3):
-                    what = "never reached its budget" if s.label == "bomb" else "had not finished"
-                    log(f"  {s.name}: {what} (peak {r.peak}) by its deadline: once more, with twice the time")
-                    r = sbench.run(arena, agent, s, retry=f"{what}, peak {r.peak}")
-                if r.outcome == "STALL":
-                    r.outcome = "ERR"
-                    r.notes.append("bench error (not cgguard): " + (
-                        f"the bomb never reached its budget (peak {r.peak}) before its deadline" if s.label == "bomb"
-                        else f"still working at its deadline ({r.leaves_done} of {r.leaves_expected} leaves)"))
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # one broken trial must not leave the others unmeasured
-                out["errors"].append(f"{arena.key} {s.name}: {type(e).__name__}: {e}")
-                log(f"  {s.name}: ERROR {type(e).__name__}: {e}")
-                continue
-            out["runs"].append(r)
-            if on_run is not None:
-                on_run(r)
-            extra = f" ({'; '.join(r.notes)})" if r.outcome not in ("TP", "TN") or r.notes else ""
-            how = f"{r.detector}/{r.evidence} -> {r.action}: {r.result}" if r.detector else "no incident"
-            log(f"  {r.outcome} {s.name}: {how}, verdict {r.start_to_verdict_ms} ms, gone {r.start_to_gone_ms} ms, "
-                f"peak {r.peak}" + (f"/{r.peak_bound}" if r.peak_bound else "") + extra)
+            for arena, agent, out in zip(arenas, agents, outs):
+                if _trial(sbench, arena, agent, s, out, log, until) is not None and on_run is not None:
+                    on_run(outs)
     finally:
-        rc = agent.stop()
-        out["lineage"] = agent.lineage
-        out["agent_restarts"] = agent.restarts
-        out["agent_logs"] = list(agent.logs)
-        if rc not in (0, None):
-            out["errors"].append(f"{arena.key} agent exited {rc}: {agent.agent.output(300) if agent.agent else ''}")
-    return out
+        for agent, out in zip(agents, outs):
+            rc = agent.stop()
+            out["lineage"] = agent.lineage
+            out["agent_restarts"] = agent.restarts
+            out["agent_logs"] = list(agent.logs)
+            if rc not in (0, None):
+                out["errors"].append(f"{out['arena']} agent exited {rc}: {agent.agent.output(300) if agent.agent else ''}")
+    return outs
 
 
 def run_host(fs: CgroupFS, sb: Sandbox, tmp: str, shapes: list[Shape], budget: int, log: Callable[[str], None],
-             until: Callable[[float], bool], errors: list[str],
-             on_run: Callable[[ShapeRun], None] | None = None) -> list[dict[str, Any]]:
-    """Every shape with a limit the agent reads, then without (two arenas, an agent each)."""
-    sbench = ShapeBench(fs, sb, tmp, log)
-    arenas = []
-    for limited in (True, False):
-        try:
-            arena = make_arena(fs, sb, limited, budget)
-        except CgroupError as e:
-            errors.append(f"shapes: {e}")
-            break
-        a = run_arena(sbench, arena, shapes, log=log, until=until, on_run=on_run)
+             until: Callable[[float], bool], errors: list[str]) -> list[dict[str, Any]]:
+    """Every shape with a limit the agent reads and without (two arenas, an agent each)."""
+    try:
+        arenas = [make_arena(fs, sb, limited, budget) for limited in (True, False)]
+    except CgroupError as e:
+        errors.append(f"shapes: {e}")
+        return []
+    outs = run_arenas(ShapeBench(fs, sb, tmp, log), arenas, shapes, log=log, until=until)
+    for a in outs:
         errors.extend(a["errors"])
-        s = arena_summary(a)
-        c = s["confusion"]
-        log(f"  {a['host']}, {'with' if limited else 'without'} limit: TP {c['TP']} FN {c['FN']} FP {c['FP']} "
+        c = arena_summary(a)["confusion"]
+        log(f"  {a['host']}, {'with' if a['limited'] else 'without'} limit: TP {c['TP']} FN {c['FN']} FP {c['FP']} "
             f"TN {c['TN']}" + (f" errors {c['ERR']}" if c["ERR"] else "")
             + (f"; skipped {len(a['skipped'])}" if a["skipped"] else ""))
-        arenas.append(a)
-    return arenas
+    return outs
 
 
 def keep_logs(arenas: list[dict[str, Any]], out_dir: str) -> None:

@@ -108,12 +108,10 @@ def guest_main(args: Any) -> int:
     sb = Sandbox.create(fs, prefix="cgguard-bench", cap=4 * budget)
     data: dict[str, Any] = {"arenas": [], "errors": [], "notes": [],
                             "machine": report.machine(fs, sb.mode, budget, own=sb.name)}
-    arenas: list[dict[str, Any]] = []
     path = os.path.join(out_dir, RESULTS_FILE)
 
-    def save(current: dict[str, Any] | None = None) -> None:
-        rows = arenas + ([current] if current is not None and current not in arenas else [])
-        data["arenas"] = [{**a, "runs": [r.to_dict() for r in a["runs"]]} for a in rows]
+    def save(outs: list[dict[str, Any]]) -> None:
+        data["arenas"] = [{**a, "runs": [r.to_dict() for r in a["runs"]]} for a in outs]
         data["duration_s"] = round(time.monotonic() - t0, 1)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -123,28 +121,20 @@ def guest_main(args: Any) -> int:
     say(f"{report.machine_line(data['machine'])}; sandbox {sb.mode}; {len(family)} shapes, budget {budget}")
     tmp = tempfile.mkdtemp(prefix="cgguard-bench-")
     rc = 0
+    outs: list[dict[str, Any]] = []
     try:
         # The guest emulates its CPUs: shapes grow several times slower, and the bench's samples
         # must leave them the CPU (see ShapeBench).
         sbench = generated.ShapeBench(fs, sb, tmp, say, time_scale=GUEST_TIME_SCALE, sample_period_s=0.005)
-        for limited in (True, False):
-            arena = generated.make_arena(fs, sb, limited, budget)
-            live: dict[str, Any] = {"arena": arena.key, "host": generated.HOSTS[arena.host], "limited": limited,
-                                    "budget": budget, "setup": arena.describe(), "runs": []}
-
-            def on_run(r, live=live) -> None:
-                live["runs"].append(r)
-                save(live)
-
-            a = generated.run_arena(sbench, arena, family, log=say, on_run=on_run,
+        arenas = [generated.make_arena(fs, sb, limited, budget) for limited in (True, False)]
+        outs = generated.run_arenas(sbench, arenas, family, log=say, on_run=save,
                                     until=lambda need: time.monotonic() - t0 + need <= time_budget)
+        generated.keep_logs(outs, out_dir)
+        for a in outs:
             data["errors"] += a["errors"]
-            generated.keep_logs([a], out_dir)
             a["agent_logs"] = [os.path.basename(p) for p in a["agent_logs"]]
-            arenas.append(a)
             if a["skipped"]:
-                data["notes"].append(f"{arena.key}: skipped {len(a['skipped'])} shapes: {a['skipped'][:3]}...")
-            save()
+                data["notes"].append(f"{a['arena']}: skipped {len(a['skipped'])} shapes, e.g. {a['skipped'][0]}")
     except KeyboardInterrupt:
         data["errors"].append("interrupted")
         rc = 1
@@ -155,6 +145,6 @@ def guest_main(args: Any) -> int:
         left = sb.close()
         if left:
             data["errors"].append(f"cgroups left behind: {left}")
-        save()
+        save(outs)
     say(f"done in {time.monotonic() - t0:.0f} s; wrote {path}")
     return rc
