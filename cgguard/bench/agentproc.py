@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import psutil
@@ -34,8 +35,17 @@ class AgentStartError(Exception):
 class AgentProcess:
     """``python -m cgguard run --watch GLOB ...`` with a private state dir and control socket."""
 
-    def __init__(self, workdir: str, watch: list[str], *extra: str, env: dict[str, str] | None = None):
+    def __init__(self, workdir: str, watch: list[str], *extra: str, env: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None, nice: int | None = None):
         os.makedirs(workdir, exist_ok=True)
+        self.config_path: str | None = None
+        if config:
+            # JSON is YAML: the agent's loader reads it as such, and the bench needs no YAML writer.
+            self.config_path = os.path.join(workdir, "cgguard.yaml")
+            with open(self.config_path, "w") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
+            extra = ("--config", self.config_path, *extra)
         self.state_dir = os.path.join(workdir, "state")
         self.sock = os.path.join(workdir, "control.sock")
         self.log_path = os.path.join(workdir, "agent.log")
@@ -51,9 +61,12 @@ class AgentProcess:
         for w in watch:
             args += ["--watch", w]
         self._log = open(self.log_path, "w+")
-        # Default settings on purpose: no config file (CGGUARD_CONFIG would change them).
+        # Default settings unless ``config`` is given: CGGUARD_CONFIG must not change them.
         env = {**{k: v for k, v in os.environ.items() if k != "CGGUARD_CONFIG"}, **(env or {})}
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # ``nice``: start it as deploy/systemd/cgguard.service does (Nice=-10), for trials where a
+        # bomb already competes for the CPU while the agent starts.
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self._ps = psutil.Process(self.proc.pid)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -81,6 +94,17 @@ class AgentProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+    def ready_http(self, timeout: float = 0.5) -> bool:
+        """Does /readyz answer 200 now? (False while the agent is starting or has no listener.)"""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=timeout) as r:
+                return r.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     # -- observation -----------------------------------------------------------------------
     def control(self, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -15,11 +15,15 @@ from .runner import BenignRun, BombRun, median, other_sandboxes
 METHODS = ("cgguard", "pids.max", "naive-killer", "threshold")
 
 TARGETS = {
-    "classic_median_start_to_populated0_ms": 150,
-    "classic_peak_tasks": 256,
+    "classic_median_start_to_populated0_ms": 50,
+    "classic_peak_tasks": 128,
     "survivors": 0,
+    "pinned_limit_to_populated0_ms": 1000,
+    "predating_readyz_to_populated0_ms": 2000,
     "agent_cpu_pct_1000_calm": 0.5,
     "benign_false_kills": 0,
+    "shape_misses": 0,
+    "shape_false_kills": 0,
 }
 
 
@@ -118,21 +122,27 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         out[key] = {"goal": goal, "value": value, "met": met, "note": note}
 
     if classic:
+        goal = TARGETS["classic_median_start_to_populated0_ms"]
         med = median([r.start_to_gone_ms for r in classic])
         missing = sum(1 for r in classic if r.start_to_gone_ms is None)
-        target("classic_median_start_to_populated0_ms", "<= 150 ms", med,
-               None if med is None else med <= 150 and not missing,
+        target("classic_median_start_to_populated0_ms", f"<= {goal} ms", med,
+               None if med is None else med <= goal and not missing,
                f"{len(classic)} runs" + (f", {missing} not removed" if missing else ""))
+        goal = TARGETS["classic_peak_tasks"]
         peak = max((r.peak_v1 or 0) for r in classic)
-        target("classic_peak_tasks", "<= 256", peak, peak <= 256,
+        target("classic_peak_tasks", f"<= {goal}", peak, peak <= goal,
                "max over runs of the cap group's pids.peak (zombies included); incident peak "
                f"max {max((r.peak_incident or 0) for r in classic)}")
+        surv = sum(r.survivors or 0 for r in classic)
+        target("classic_survivors", "0", surv, surv == 0 and not missing, f"{len(classic)} runs")
+    _summarize_extras(res, target)
     counted = [r for r in cg if r.survivors is not None]
     surv = sum(r.survivors or 0 for r in counted)
     undetected = [r.workload for r in cg if r.detected is False]
-    target("survivors", "0", surv, surv == 0 and not undetected,
-           f"summed over {len(counted)} cgguard bomb runs"
-           + (f"; not detected: {', '.join(sorted(set(undetected)))}" if undetected else ""))
+    if cg:
+        target("survivors", "0", surv, surv == 0 and not undetected,
+               f"summed over {len(counted)} cgguard bomb runs"
+               + (f"; not detected: {', '.join(sorted(set(undetected)))}" if undetected else ""))
     innocents = [r for r in cg if r.innocents]
     if innocents:
         lost = sum(r.innocents - (r.innocents_alive or 0) for r in innocents)
@@ -152,6 +162,41 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         target("benign_false_kills", "0", len(fk), not fk,
                f"{len(cg_benign)} workloads" + (f"; {', '.join(fk)}" if fk else ""))
     return out
+
+
+def _summarize_extras(res: dict[str, Any], target) -> None:
+    """Targets of the pinned and predating trials and of the generated shapes."""
+    runs = [t for t in res.get("target_runs", []) if t.method == "cgguard"]
+    for kind, key in (("pinned", "pinned_limit_to_populated0_ms"), ("predating", "predating_readyz_to_populated0_ms")):
+        mine = [t for t in runs if t.target == kind]
+        if not mine:
+            continue
+        goal = TARGETS[key]
+        lat = [t.latency_ms for t in mine if t.latency_ms is not None]
+        worst = max(lat) if lat else None
+        failed = [f"{t.workload}@{t.limit}" for t in mine if not t.removed]
+        before = sum(1 for t in mine if t.removed and t.latency_ms is None)
+        what = ("limit first hit (1 ms sampler) -> populated 0" if kind == "pinned"
+                else "/readyz first 200 -> populated 0, bomb pinned at its cap before the agent started")
+        target(key, f"<= {goal} ms", worst, not failed and all(t.met for t in mine),
+               f"max over {len(mine)} runs ({what})" + (f"; {before} removed before reaching the limit" if before else "")
+               + (f"; not removed: {', '.join(failed)}" if failed else ""))
+    for a in res.get("shape_arenas", []):
+        c = _confusion(a["runs"])
+        n = len(a["runs"])
+        target(f"shape_misses[{a['arena']}]", "0", c["FN"], c["FN"] == 0,
+               f"{c['TP'] + c['FN']} bombs of {n} shapes ({a['host']}, {'with' if a['limited'] else 'without'} limit)")
+        target(f"shape_false_kills[{a['arena']}]", "0", c["FP"], c["FP"] == 0 and c["ERR"] == 0,
+               f"{c['FP'] + c['TN'] + c['ERR']} bounded shapes" + (f"; {c['ERR']} bench errors" if c["ERR"] else ""))
+        pa = sum(r.parent_actions for r in a["runs"])
+        target(f"shape_parent_actions[{a['arena']}]", "0", pa, pa == 0,
+               "incidents that acted on the arena's parent cgroup during a trial")
+
+
+def _confusion(runs: list[Any]) -> dict[str, int]:
+    from .generated import confusion
+
+    return confusion(runs)
 
 
 # -- markdown --------------------------------------------------------------------------------
@@ -178,7 +223,7 @@ def markdown(res: dict[str, Any]) -> str:
             note = "; ".join(r.notes)
             rows.append([
                 r.workload + (" (run 1)" if r.workload == "classic" else ""), _detected(r),
-                f"{r.detector} → {r.action}: {r.result}" if r.detector else "–", _f(r.incidents),
+                f"{r.detector} ({r.evidence}) → {r.action}: {r.result}" if r.detector else "–", _f(r.incidents),
                 _f(r.start_to_verdict_ms), _f(r.agent_detect_ms), _f(r.verdict_to_gone_ms), _f(r.start_to_gone_ms),
                 f"{_f(r.peak_v1)} / {_f(r.peak_incident)}", _f(r.survivors),
                 f"{r.innocents_alive}/{r.innocents}" if r.innocents else "–",
@@ -256,6 +301,9 @@ def markdown(res: dict[str, Any]) -> str:
         L += _table(["workload", "cgguard incidents", "exit", "cgguard false kill", "duration s", "peak tasks",
                      "agent CPU %", "threshold poller false kill", "note"], rows)
 
+    L += _targets_markdown(res)
+    L += _shapes_markdown(res)
+
     cost = res.get("agent_cost")
     ev = res.get("events")
     if cost or ev or benign:
@@ -310,11 +358,114 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def _targets_markdown(res: dict[str, Any]) -> list[str]:
+    runs = res.get("target_runs") or []
+    if not runs:
+        return []
+    L = ["## Removal targets: a runaway pinned at a readable limit, a runaway that predates the agent", ""]
+    rows = []
+    for t in runs:
+        verdict = f"{t.detector} ({t.evidence}) → {t.action}: {t.result}" if t.detector else (t.action or "–")
+        rows.append([t.target, t.workload, t.method, _f(t.limit), _f(t.removed),
+                     _f(t.limit_hit_ms) if t.target == "pinned" else _f(t.agent_start_to_ready_ms),
+                     _f(t.gone_ms), f"**{_f(t.latency_ms)}**" if t.met is False else _f(t.latency_ms),
+                     verdict, t.budget_source or "–", "; ".join(t.notes)])
+    L += _table(["target", "bomb", "method", "limit", "removed", "limit hit ms / agent start→ready ms",
+                 "start→populated 0 ms", "latency ms", "verdict", "budget source", "note"], rows)
+    L += [f"pinned: latency = populated 0 minus the first time the cap group counted its limit (1 ms sampler), goal "
+          f"<= {TARGETS['pinned_limit_to_populated0_ms']} ms; predating: the bomb pinned at its cap before a fresh agent "
+          f"started, latency = populated 0 minus the first 200 from /readyz (5 ms polls), goal <= "
+          f"{TARGETS['predating_readyz_to_populated0_ms']} ms (negative: removed before the agent said ready). "
+          "threshold: the poller baseline on the same bomb (its start stands for /readyz). pids.max alone never "
+          "removes a pinned runaway: it holds it at the limit until its own deadline.", ""]
+    return L
+
+
+def _q(d: dict[str, Any]) -> str:
+    if not d or not d.get("n"):
+        return "–"
+    return f"{_f(d['min'])} / {_f(d['median'])} / {_f(d['p90'])} / {_f(d['max'])}"
+
+
+def _shapes_markdown(res: dict[str, Any]) -> list[str]:
+    from .generated import arena_summary, wrong
+
+    arenas = res.get("shape_arenas") or []
+    if not arenas:
+        g = res.get("guest") or {}
+        return [f"Guest: {g['problem']}", ""] if g.get("problem") else []
+    plan = res.get("shape_plan") or {}
+    L = ["## Generated shapes: confusion matrices", ""]
+    L += [f"{plan.get('count', '?')} shapes from seed {plan.get('seed', '?')} (cgguard/testkit/shapes.py), labelled by "
+          f"construction against a task budget of {plan.get('budget', '?')}: bounded (benign) shapes stay under half of "
+          "it (peak computed from their parameters, checked against the kernel's count), unbounded ones (bombs) grow "
+          "until stopped and end at their own deadline. Bounded shapes that abandon their children are at most 3 "
+          "generations deep: the lineage rule's documented limit (4). One agent per arena, kill budget raised for the "
+          "bench (every trial is in one tenant); trials strictly one at a time, the cap group drained between them.", ""]
+    rows = []
+    for a in arenas:
+        c = _confusion(a["runs"])
+        bombs, benign = c["TP"] + c["FN"], c["FP"] + c["TN"] + c["ERR"]
+        pa = sum(r.parent_actions for r in a["runs"])
+        rows.append([a["host"], "with" if a["limited"] else "without", a["setup"],
+                     f"**{c['TP']}**", f"**{c['FN']}**" if c["FN"] else "0", f"**{c['FP']}**" if c["FP"] else "0",
+                     f"**{c['TN']}**", _f(c["ERR"]), f"{bombs}/{benign}", _f(len(a.get("skipped", []))), _f(pa) if not pa else f"**{pa}**"])
+    L += _table(["host", "limit", "setup", "TP (bomb removed)", "FN (bomb missed)", "FP (bounded killed/frozen)",
+                 "TN", "bench errors", "bombs/bounded", "skipped", "actions on the parent"], rows)
+    L += ["Actions on the parent: incidents during a trial that acted on the arena's parent cgroup (which holds "
+          "only that trial here, but would hold the runaway's neighbours anywhere else); each fails the run.", ""]
+    rows = []
+    for a in arenas:
+        s = arena_summary(a)
+        rows.append([a["host"], "with" if a["limited"] else "without", _q(s["start_to_verdict_ms"]),
+                     _q(s["start_to_gone_ms"]), _q(s["peak_bombs"]),
+                     ", ".join(f"{k} {v}" for k, v in sorted(s["detectors"].items(), key=lambda kv: -kv[1])) or "–"])
+    L += ["Bombs removed (TP): min / median / p90 / max.", ""]
+    L += _table(["host", "limit", "start→verdict ms", "start→populated 0 ms", "peak tasks", "verdicts"], rows)
+    # Outcome per kind of shape: where a miss or a false kill comes from at a glance.
+    kinds = sorted({(r.kind, r.topology, r.label) for a in arenas for r in a["runs"]})
+    if kinds:
+        head = ["kind", "topology", "label"] + [f"{a['host']} {'with' if a['limited'] else 'without'}" for a in arenas]
+        rows = []
+        for k in kinds:
+            row = list(k)
+            for a in arenas:
+                mine = [r for r in a["runs"] if (r.kind, r.topology, r.label) == k]
+                c = _confusion(mine)
+                good = c["TP"] + c["TN"]
+                row.append(f"{good}/{len(mine)}" if good == len(mine) else f"**{good}/{len(mine)}**")
+            rows.append(row)
+        L += ["Correct outcomes per kind of shape (TP or TN / trials).", ""]
+        L += _table(head, rows)
+    bad = [(a, r) for a in arenas for r in wrong(a["runs"])]
+    if bad:
+        L += ["### Misses, false kills and bench errors", ""]
+        rows = []
+        for a, r in bad:
+            inc = "; ".join(r.incident_log[:3]) or "none"
+            if len(r.incident_log) > 3:
+                inc += f"; and {len(r.incident_log) - 3} more"
+            rows.append([r.outcome, a["arena"], r.shape, r.about, _f(r.peak) + (f" / {r.peak_bound}" if r.peak_bound else ""),
+                         _f(r.start_to_verdict_ms), inc, "; ".join(r.notes)])
+        L += _table(["outcome", "arena", "shape", "what it is", "peak / bound", "start→verdict ms", "incidents", "note"], rows)
+        logs = sorted({p for a, _ in bad for p in a.get("agent_logs", [])})
+        if logs:
+            L += ["Agent logs of these arenas: " + ", ".join(logs), ""]
+    g = res.get("guest")
+    if g:
+        L += [f"Guest: status {g.get('status', '–')}, boot {_f(g.get('boot_s'), 1)} s, {_f(g.get('elapsed_s'), 0)} s in "
+              f"all" + (f"; **{g['problem']}**" if g.get("problem") else "") + ".", ""]
+    return L
+
+
 # -- json ------------------------------------------------------------------------------------
 def to_json(res: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in res.items() if k not in ("bomb_runs", "benign_runs", "series")}
+    out = {k: v for k, v in res.items() if k not in ("bomb_runs", "benign_runs", "series", "target_runs", "shape_arenas")}
     out["bomb_runs"] = [r.to_dict() for r in res["bomb_runs"]]
     out["benign_runs"] = [r.to_dict() for r in res["benign_runs"]]
+    out["target_runs"] = [t.to_dict() for t in res.get("target_runs", [])]
+    out["shape_arenas"] = [{**a, "runs": [r.to_dict() for r in a["runs"]]} for a in res.get("shape_arenas", [])]
+    out["shape_summary"] = {a["arena"]: _arena_summary(a) for a in res.get("shape_arenas", [])}
     # [ms since spawn, tasks (pids.current, zombies included), live processes]
     out["classic_series"] = {
         k: [[round(t * 1000, 1), n, live] for t, n, live in s.points]
@@ -330,6 +481,12 @@ PLOT_STYLE = {
     "threshold": ("threshold poller (>64 tasks, 100 ms)", "tab:purple"),
     "cgguard": ("cgguard", "tab:green"),
 }
+
+
+def _arena_summary(a: dict[str, Any]) -> dict[str, Any]:
+    from .generated import arena_summary
+
+    return arena_summary(a)
 
 
 def plot(res: dict[str, Any], path: str) -> str | None:
@@ -367,8 +524,9 @@ def plot(res: dict[str, Any], path: str) -> str | None:
     zoom.set_title("first 400 ms", fontsize=10)
     zoom.set_xlim(0, 400)
     zoom.set_xlabel("ms since start")
-    zoom.axhline(256, color="grey", ls="--", lw=0.8)
-    zoom.text(5, 262, "peak target 256", fontsize=7, color="grey")
+    goal = TARGETS["classic_peak_tasks"]
+    zoom.axhline(goal, color="grey", ls="--", lw=0.8)
+    zoom.text(5, goal + 6, f"peak target {goal}", fontsize=7, color="grey")
     zoom.grid(alpha=0.3)
     fig.suptitle(machine_line(res["machine"]), fontsize=7)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

@@ -51,7 +51,10 @@ class BombRun:
     run: int
     detected: bool | None = None  # None: not applicable or not observable here
     removed: bool = False
-    detector: str | None = None
+    detector: str | None = None  # pinned | fill-hold | trajectory | lineage
+    evidence: str | None = None  # budget | trajectory | lineage
+    budget: int | None = None  # the task budget the verdict measured against
+    budget_source: str | None = None  # v2:<cgroup>, v1:<pids cgroup> or default
     action: str | None = None
     result: str | None = None
     start_to_verdict_ms: float | None = None  # spawn -> verdict (or the baseline's trigger)
@@ -66,6 +69,7 @@ class BombRun:
     innocents: int = 0
     innocents_alive: int | None = None
     incidents: int | None = None  # cgguard incidents touching the trial's cgroup (ancestors too)
+    parent_actions: int = 0  # of those, actions on an ancestor of the trial's cgroup (collateral)
     incident_log: list[str] = field(default_factory=list)  # each: detector -> action: result (notes)
     tasks_held: int | None = None  # cap group's pids.current at the end of the window
     bomb_cpu_s: float | None = None  # CPU the bomb's cgroup used until removal / window end
@@ -173,20 +177,22 @@ class Bench:
             pass
         return None
 
-    def spawn(self, argv: list[str], cg: str, deadline_s: float, name: str, cwd: str | None = None) -> Running:
+    def spawn(self, argv: list[str], cg: str, deadline_s: float, name: str, cwd: str | None = None,
+              cap: int | None = None) -> Running:
         if cwd:
             # Sandbox.spawn has no cwd: change directory inside the contained process instead.
             argv = ["sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
-        return self.sb.spawn(argv, cg, deadline_s=deadline_s, cap=self.cap, name=name)
+        return self.sb.spawn(argv, cg, deadline_s=deadline_s, cap=cap or self.cap, name=name)
 
     def start_sampled(self, w_argv: list[str], cg: str, deadline_s: float, name: str, *,
-                      threshold: int | None = None, cwd: str | None = None) -> tuple[Running, Sampler, float, float]:
+                      threshold: int | None = None, cwd: str | None = None,
+                      cap: int | None = None) -> tuple[Running, Sampler, float, float]:
         """Arm the sampler, then spawn. Returns (workload, sampler, t0 monotonic, t0 wall)."""
         # The cap group is made by spawn(), so the sampler attaches right after Popen returns;
         # the contained shell needs longer than that to enter its cgroups, so nothing is missed.
         t0 = time.monotonic()
         t0_wall = time.time()
-        w = self.spawn(w_argv, cg, deadline_s, name, cwd)
+        w = self.spawn(w_argv, cg, deadline_s, name, cwd, cap)
         smp = Sampler(w.v1_dir, self.fs.abspath(cg), threshold=threshold)
         smp.begin(t0)
         smp.start()
@@ -239,6 +245,20 @@ class Bench:
 
 
 # -- cgguard on bombs ------------------------------------------------------------------------
+def agent_view(agent: AgentProcess, cg: str) -> str:
+    """What the agent thinks of a cgroup now (tasks, budget and its source): for a bomb it missed,
+    the first question is whether it measured against the limit the bench set."""
+    try:
+        st = agent.status(timeout=3)
+    except (OSError, ValueError) as e:
+        return f"agent status unavailable ({e})"
+    c = next((x for x in st.get("cgroups", []) if x.get("path") == cg), None)
+    if c is None:
+        return "the agent does not watch it"
+    return (f"agent's view: {c.get('tasks')} tasks ({c.get('source')}), budget {c.get('budget')} "
+            f"({c.get('budget_source') or 'none'}), forks refused {c.get('forks_refused')}, state {c.get('state')}")
+
+
 def related(incs: list[dict[str, Any]], cg: str) -> list[dict[str, Any]]:
     """Incidents that touch a trial's cgroup: on it, below it, or on an ancestor (which acts on it too)."""
     return [i for i in incs if i["cgroup"] == cg or i["cgroup"].startswith(cg + "/") or cg.startswith(i["cgroup"] + "/")]
@@ -247,7 +267,10 @@ def related(incs: list[dict[str, Any]], cg: str) -> list[dict[str, Any]]:
 def _describe(inc: dict[str, Any], cg: str) -> str:
     where = "" if inc["cgroup"] == cg else f" on {'ancestor' if cg.startswith(inc['cgroup'] + '/') else 'child'} {inc['cgroup']}"
     notes = "; ".join(inc.get("notes") or [])
-    return f"{inc.get('detector')} -> {inc.get('action')}: {inc.get('result')}{where}" + (f" ({notes})" if notes else "")
+    ev = f" on {inc['evidence']}" if inc.get("evidence") else ""
+    budget = f", budget {inc['budget']} ({inc.get('budget_source') or '?'})" if inc.get("budget") else ""
+    return (f"{inc.get('detector')}{ev} -> {inc.get('action')}: {inc.get('result')}{where}{budget}"
+            + (f" ({notes})" if notes else ""))
 
 
 def bomb_secs(wl: Workload) -> int:
@@ -268,8 +291,9 @@ def stalled(r: BombRun) -> bool:
 
 
 def zombies_observable(b: Bench) -> bool:
-    """A zombie pile shows only in pids.current; cgroup.threads and populated ignore zombies."""
-    return b.fs.has(b.sb.name, "pids.current")
+    """A zombie pile shows only in pids.current; cgroup.threads and populated ignore zombies. The
+    agent reads the pids counter its tasks are charged to: v2, or the v1 group on hybrid hosts."""
+    return b.sb.mode in ("v1-pids", "v2-pids") or b.fs.has(b.sb.name, "pids.current")
 
 
 def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombRun:
@@ -314,6 +338,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
                 break
             time.sleep(0.3)  # let a straggler show itself before counting
             live = len(b.sb.live_pids(w))
+            view = agent_view(agent, cg) if inc is None else ""
             time.sleep(max(0.0, t0 + hold_s - time.monotonic()))
         r.agent_cpu_s = round(agent.cpu_seconds() - cpu0, 3)
         # Every action taken on this trial, in order: a first action that left part of the bomb
@@ -323,6 +348,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         if inc is not None:
             inc = next((i for i in alls if i["id"] == inc["id"]), inc)
         r.incident_log = [_describe(i, cg) for i in alls]
+        r.parent_actions = sum(1 for i in alls if cg.startswith(i["cgroup"] + "/") and i.get("action") != "report")
         if len(alls) > 1:
             r.notes += [f"incident {n + 1}: {d}" for n, d in enumerate(r.incident_log)]
         r.bomb_cpu_s = b.cpu_usage_s(cg)
@@ -331,6 +357,9 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         if inc is not None:
             r.detected = True
             r.detector = inc.get("detector")
+            r.evidence = inc.get("evidence")
+            r.budget = inc.get("budget")
+            r.budget_source = inc.get("budget_source")
             r.action = inc.get("action")
             r.result = inc.get("result")
             r.start_to_verdict_ms = round((inc["time"] - t0_wall) * 1000, 1)
@@ -349,7 +378,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
         else:
             r.detected = False
             r.survivors = live  # the bomb, still there at the end of the window
-            r.notes.append(f"no incident within {secs - 1.2:.1f} s")
+            r.notes.append(f"no incident within {secs - 1.2:.1f} s; {view}")
         if wl.zombies and not zombies_observable(b):
             r.notes.insert(0, NOT_OBSERVABLE)
             if inc is None:
@@ -518,7 +547,7 @@ def events_probe(b: Bench, plan: list[tuple[str, int]], log=print) -> dict[str, 
         time.sleep(1.0)
         s0 = _pc(agent.status())
         if "forks" not in s0:
-            out["note"] = f"the agent exposes no proc-connector counters (procconn: {s0 or 'missing'})"
+            out["note"] = f"the agent exposes no proc-connector counters (connector: {s0 or 'missing'})"
             return out
         out["mode"] = s0.get("filter_mode") or s0.get("mode")
         out["rcvbuf"] = s0.get("rcvbuf")

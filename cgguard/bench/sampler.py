@@ -122,7 +122,7 @@ class Sampler(threading.Thread):
     """
 
     def __init__(self, v1_dir: str | None, v2_dir: str, *, period_s: float = 0.001,
-                 record_every_s: float = 0.002, threshold: int | None = None):
+                 record_every_s: float = 0.002, threshold: int | None = None, count_dir: str | None = None):
         super().__init__(name="bench-sampler", daemon=True)
         self.period_s = period_s
         self.record_every_s = record_every_s
@@ -133,12 +133,13 @@ class Sampler(threading.Thread):
         self.crossed = threading.Event()  # tasks reached the threshold
         self.started_evt = threading.Event()
         self._halt = threading.Event()
-        # Without a v1 cap group (pure cgroup2 hosts) the workload's own cgroup has pids.current.
-        # Its cgroup.procs then misses processes moved into a child (a quarantine), which only
-        # matters for the shared-cgroup bomb.
-        counted = v1_dir or v2_dir
+        # Without a v1 cap group (pure cgroup2 hosts) the workload's own cgroup has pids.current,
+        # or, when the pids controller stops above it (a pod-level limit), ``count_dir``: the
+        # ancestor its tasks are charged to. Its cgroup.procs then misses processes moved into a
+        # child (a quarantine), which only matters for the shared-cgroup bomb.
+        counted = count_dir or v1_dir or v2_dir
         self._cur = _Fd(os.path.join(counted, "pids.current"))
-        self._procs = _Fd(os.path.join(counted, "cgroup.procs"), reopen=True)
+        self._procs = _Fd(os.path.join(v1_dir or v2_dir, "cgroup.procs"), reopen=True)
         self._events = _Fd(os.path.join(v2_dir, "cgroup.events"))
 
     def begin(self, t0: float) -> None:

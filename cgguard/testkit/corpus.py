@@ -126,6 +126,77 @@ int main(int argc, char **argv) {
 """
 
 
+C_THREADS_SRC = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+/* A native thread bomb: every thread keeps starting threads until the deadline (small stacks, so
+   memory is not what stops it). Threads never exit early: nothing for lineage to see. */
+static time_t d;
+static pthread_attr_t attr;
+static void *grow(void *arg) {
+    pthread_t t;
+    while (time(NULL) < d)
+        if (pthread_create(&t, &attr, grow, NULL) != 0) usleep(5000);
+    return arg;
+}
+int main(int argc, char **argv) {
+    d = time(NULL) + (argc > 1 ? atoi(argv[1]) : 5);
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    grow(NULL);
+    return 0;
+}
+"""
+
+MERGESORT_SRC = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+/* Fork-based parallel merge sort: each level forks a child for one half, sorts the other half
+   itself, waits for the child and merges (the array is shared memory). Bounded: 2^depth leaves. */
+static int *a, *tmp;
+static void merge(int lo, int mid, int hi) {
+    int i = lo, j = mid, k = lo;
+    while (i < mid && j < hi) tmp[k++] = a[i] <= a[j] ? a[i++] : a[j++];
+    while (i < mid) tmp[k++] = a[i++];
+    while (j < hi) tmp[k++] = a[j++];
+    memcpy(a + lo, tmp + lo, (hi - lo) * sizeof *a);
+}
+static void sort(int lo, int hi, int depth) {
+    if (hi - lo < 2) return;
+    int mid = lo + (hi - lo) / 2;
+    if (depth > 0) {
+        pid_t p = fork();
+        if (p < 0) { perror("fork"); exit(3); }
+        if (p == 0) { sort(lo, mid, depth - 1); usleep(200000); _exit(0); }
+        sort(mid, hi, depth - 1);
+        int st;
+        if (waitpid(p, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st)) exit(3);
+    } else {
+        sort(lo, mid, 0);
+        sort(mid, hi, 0);
+    }
+    merge(lo, mid, hi);
+}
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 1 << 18, depth = argc > 2 ? atoi(argv[2]) : 6;
+    a = mmap(NULL, n * sizeof *a, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    tmp = mmap(NULL, n * sizeof *a, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    srand(42);
+    for (int i = 0; i < n; i++) a[i] = rand();
+    sort(0, n, depth);
+    for (int i = 1; i < n; i++) if (a[i - 1] > a[i]) { fprintf(stderr, "not sorted at %d\n", i); return 1; }
+    return 0;
+}
+"""
+
+
 def compile_c(source: str, name: str, workdir: str | None = None) -> str:
     """Compile a one-file C program once into ``workdir`` (or a temp dir); returns its path."""
     workdir = workdir or tempfile.mkdtemp(prefix=f"cgguard-{name}-")
@@ -140,6 +211,27 @@ def compile_c(source: str, name: str, workdir: str | None = None) -> str:
 def c_fork_binary(workdir: str | None = None) -> str:
     """The C fork-loop bomb, compiled."""
     return compile_c(C_FORK_SRC, "cbomb", workdir)
+
+
+def c_threads_binary(workdir: str | None = None) -> str:
+    """The native pthread bomb, compiled."""
+    return compile_c(C_THREADS_SRC, "cthreads", workdir)
+
+
+def mergesort_binary(workdir: str | None = None) -> str:
+    """The fork-based merge sort, compiled."""
+    return compile_c(MERGESORT_SRC, "mergesort", workdir)
+
+
+# A one-parent fork loop: the parent never exits and its children sleep on, so there is no
+# abandonment for lineage to see; only the budget rules can tell it from a job starter.
+FORK_LOOP = "D=$((EPOCHSECONDS+SECS)); while (( EPOCHSECONDS < D )); do sleep 30 & done"
+# A script that starts itself twice with a new command line each generation (the generation is
+# its argument, so no two generations look alike) and exits at once.
+EXEC_CHAIN = (
+    "export D=$((EPOCHSECONDS+SECS)) S='(( EPOCHSECONDS < D )) || exit 0; n=$(( $1 + 1 )); "
+    "bash -c \"$S\" \"chain-$n\" $n & bash -c \"$S\" \"chain-$n\" $n & exit 0'; bash -c \"$S\" chain-0 0"
+)
 
 
 # -- benign --------------------------------------------------------------------------------------
@@ -197,6 +289,21 @@ with ThreadPoolExecutor(8) as ex:
 BOUNDED_TREE = (
     "t(){ local d=$1; if (( d > 0 )); then for i in 1 2 3 4 5; do t $((d-1)) & done; fi; sleep 2; wait; }; t 3"
 )
+# A bounded binary worker tree, depth 6: 127 workers (and their sleeps), every parent waits.
+BINARY_TREE = "t(){ local d=$1; if (( d > 0 )); then t $((d-1)) & t $((d-1)) & fi; sleep 1; wait; }; t 6"
+# A recursive directory walk with a subshell per directory (in parallel; each waits for its own).
+DIRWALK = 'shopt -s nullglob; walk(){ local d; for d in "$1"/*/; do ( : > "$d.seen"; walk "${d%/}" ) & done; wait; }; walk .'
+
+
+def make_dirtree(workdir: str, fanout: int = 4, depth: int = 3) -> None:
+    """A directory tree for the walk: fan-out 4, depth 3 (84 directories below the top)."""
+    def mk(path: str, d: int) -> None:
+        os.makedirs(path, exist_ok=True)
+        if d > 0:
+            for i in range(fanout):
+                mk(os.path.join(path, f"d{i}"), d - 1)
+
+    mk(workdir, depth)
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -209,6 +316,11 @@ WORKLOADS: dict[str, Workload] = {
         Workload("threads", "bomb", _py(THREAD_BOMB), "thread bomb (threads spawning threads)", threads=True),
         Workload("setsid", "bomb", _py(SETSID), "setsid + double fork: parents die at once"),
         Workload("zombies", "bomb", _py(ZOMBIES), "zombie pile-up: children never reaped", zombies=True),
+        Workload("fork-loop", "bomb", _bash(FORK_LOOP), "one-parent fork loop: while :; do sleep 30 & done"),
+        Workload("exec-chain", "bomb", _bash(EXEC_CHAIN),
+                 "exec chain: a script starting itself twice with a new command line every generation"),
+        Workload("c-threads", "bomb", lambda secs: [c_threads_binary(), str(secs)], "native C pthread thread bomb",
+                 needs=("gcc",), threads=True),
         Workload("make", "benign", lambda secs: ["make", "-s", "-j8"], "make -j8 on a generated C project",
                  needs=("make", "gcc"), setup=make_project),
         Workload("xargs", "benign", _bash("seq 3000 | xargs -P 16 -n 1 true"), "seq 3000 | xargs -P 16 -n 1 true"),
@@ -222,6 +334,12 @@ WORKLOADS: dict[str, Workload] = {
                  "tight sequential loop of short commands"),
         Workload("test-runner", "benign", _py(TEST_RUNNER), "parallel test runner: 8 workers, 48 test processes"),
         Workload("tree", "benign", _bash(BOUNDED_TREE), "bounded process tree: fan-out 5, depth 3 (156 processes)"),
+        Workload("binary-tree", "benign", _bash(BINARY_TREE),
+                 "bounded binary worker tree, depth 6 (127 workers, parents wait)"),
+        Workload("dirwalk", "benign", _bash(DIRWALK), "recursive directory walk, a subshell per directory (85 dirs)",
+                 setup=make_dirtree),
+        Workload("mergesort", "benign", lambda secs: [mergesort_binary(), str(1 << 18), "6"],
+                 "fork-based merge sort, 6 levels (64 processes, parents wait)", needs=("gcc",)),
         # The classic bomb again, started next to innocent processes in the same cgroup (the runner
         # starts extra["innocents"] 'sleep 60'): only a lineage kill removes it and spares them.
         Workload("shared", "bomb", _bash(CLASSIC), "classic bomb in a cgroup shared with 3 innocent 'sleep 60'",

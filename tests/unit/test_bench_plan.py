@@ -55,3 +55,54 @@ def test_a_bomb_that_ends_by_itself_or_never_grows_proves_nothing():
     assert stalled(BombRun("slow", "threshold", 1, detected=False, peak_v1=2))
     assert not stalled(BombRun("slow", "threshold", 1, detected=False, peak_v1=900))
     assert not stalled(BombRun("classic", "cgguard", 1, detected=True, peak_v1=3))
+
+
+def test_plan_of_the_generated_shapes_and_targets():
+    from cgguard.testkit import shapes
+
+    full = make_plan(False, None)
+    assert full.targets and len(full.shapes) == shapes.DEFAULT_COUNT >= 100
+    assert full.shapes == shapes.generate(shapes.DEFAULT_SEED, shapes.DEFAULT_COUNT, full.shape_budget)
+    quick = make_plan(True, None)
+    assert len(quick.shapes) == 16 and quick.budget_s < full.budget_s
+    # --shapes: nothing but the shapes; --only without "shapes" or "targets": neither.
+    only_shapes = make_plan(False, None, shapes_only=True)
+    assert only_shapes.shapes and not (only_shapes.bombs or only_shapes.benign or only_shapes.cost
+                                       or only_shapes.events or only_shapes.targets or only_shapes.baseline_bombs)
+    named = make_plan(True, ["classic", "sleepers"])
+    assert not named.shapes and not named.targets and not named.guest
+    assert make_plan(True, ["targets"]).targets and not make_plan(True, ["targets"]).shapes
+    # Another seed, another family; --shape picks by name, and names nothing it does not know.
+    assert make_plan(True, ["shapes"], seed=1, count=100).shapes != full.shapes[:100]
+    one = make_plan(False, None, shapes_only=True, shape_names=["s027"])
+    assert [s.name[:4] for s in one.shapes] == ["s027"] and one.shape_names == ["s027"]
+    with pytest.raises(PlanError, match="s999"):
+        make_plan(False, None, shapes_only=True, shape_names=["s999"])
+    g = make_plan(True, None, shapes_only=True, guest=True)
+    assert g.guest and g.guest_budget_s > 300
+
+
+def test_correctness_fails_on_every_shape_miss_false_kill_and_parent_action():
+    from cgguard.bench.generated import ShapeRun
+    from cgguard.bench.targets import TargetRun
+
+    def run(outcome, **kw):
+        return ShapeRun("s001-x", "bomb" if outcome in ("TP", "FN") else "benign", "bash", "tree", "hybrid", True, 256,
+                        "", outcome=outcome, **kw)
+
+    ok = {"errors": [], "bomb_runs": [], "benign_runs": [],
+          "shape_arenas": [{"arena": "hybrid/with", "runs": [run("TP"), run("TN")]}]}
+    assert correctness(ok) == []
+    bad = {**ok, "shape_arenas": [{"arena": "v2/without", "runs": [
+        run("FN", notes=["no incident"]), run("FP", incident_log=["lineage -> kill-cgroup"]), run("ERR", notes=["0 of 4"]),
+        run("TP", parent_actions=1)]}],
+        "target_runs": [TargetRun("predating", "c-fork", "cgguard", 256, removed=False),
+                        TargetRun("pinned", "c-fork", "threshold", 256, removed=False)]}
+    problems = correctness(bad)
+    assert any("missed bomb" in p and "v2/without" in p for p in problems)
+    assert any("false kill" in p for p in problems)
+    assert any("0 of 4" in p for p in problems)
+    assert any("parent" in p for p in problems)
+    assert any("predating c-fork" in p for p in problems)
+    assert not any("threshold" in p for p in problems)  # a baseline failing is the point
+    assert len(problems) == 5

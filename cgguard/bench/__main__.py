@@ -1,0 +1,51 @@
+"""``python -m cgguard.bench``: the benchmark with every flag (``cgguard bench`` has the common ones).
+
+The guest runs its part through this entry (``--in-guest``), and so can a developer who wants
+the generated shapes alone (``--shapes``), in the guest too (``--guest``), from another seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import main
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cgguard.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's flags, for this entry and for ``cgguard bench`` (cgguard/cli.py)."""
+    p.add_argument("--quick", action="store_true", help="fewer runs and a subset of the shapes, for CI")
+    p.add_argument("--out", metavar="DIR", default="results", help="results folder (default ./results)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only these workloads (or: cost, events, targets, shapes)")
+    p.add_argument("--shapes", action="store_true", help="run only the generated shapes (with and without a limit)")
+    p.add_argument("--guest", action="store_true", help="also run the generated shapes in the pure cgroup-v2 guest")
+    p.add_argument("--guest-only", action="store_true", help="run only the generated shapes, only in the guest")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the generated shapes (default: fixed)")
+    p.add_argument("--count", type=_positive, metavar="N", help="number of generated shapes (default 104)")
+    p.add_argument("--shape", action="append", metavar="NAME",
+                   help="run only the generated shapes whose name starts with NAME (e.g. s027), to reproduce one")
+    # Internal: how the host runs the guest's part.
+    p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape-budget", type=_positive, help=argparse.SUPPRESS)
+    p.add_argument("--time-budget", type=_positive, help=argparse.SUPPRESS)
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
