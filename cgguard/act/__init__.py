@@ -13,7 +13,15 @@
 Everything here tolerates the cgroup vanishing underneath: that is success, not an error.
 """
 
-from cgguard.act.cgroup import QUARANTINE_PREFIX, ActionResult, count_tasks, freeze, kill_cgroup, wait_events
+from cgguard.act.cgroup import (
+    QUARANTINE_PREFIX,
+    ActionResult,
+    count_tasks,
+    freeze,
+    kill_cgroup,
+    kill_exited_leaders,
+    wait_events,
+)
 from cgguard.act.surgical import Classify, bomb_members, kill_lineage
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "count_tasks",
     "freeze",
     "kill_cgroup",
+    "kill_exited_leaders",
     "kill_lineage",
     "wait_events",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -11,6 +12,7 @@ from typing import Callable
 from inotify_simple import INotify, flags
 
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone, parse_flat_keyed
+from cgguard.kernel.procfs import read_stat, same_process
 
 log = logging.getLogger("cgguard.act")
 
@@ -70,6 +72,52 @@ def count_tasks(fs: CgroupFS, rel: str) -> int:
         return 0
 
 
+# How long after cgroup.kill a cgroup may stay populated before its exited leaders are killed by
+# pid. A kill's populated 0 normally comes within milliseconds; thousands of exiting tasks on a
+# loaded node take longer, and the sweep is harmless then.
+SWEEP_AFTER_S = 0.1
+
+
+def kill_exited_leaders(fs: CgroupFS, rel: str, limit: int = 65536) -> int:
+    """SIGKILL, through a pidfd, every thread group of ``rel``'s subtree whose main thread has
+    exited while its other threads run. Returns how many were signalled.
+
+    ``cgroup.kill`` sends SIGKILL to each listed process's leader; a leader that already exited
+    (``pthread_exit()`` in ``main``) is a zombie that never acts on it, so a thread bomb built that
+    way survives the cgroup's kill (seen on 6.1 and 6.18). ``kill(2)`` on the thread group does
+    reach its live threads. Identity is (pid, start time): the pid is only signalled through a
+    pidfd opened after a matching start time was read, so a reused pid is never hit.
+    """
+    sent = 0
+    try:
+        cgroups = fs.walk(rel)
+    except CgroupError:
+        return 0
+    for cg in cgroups:
+        try:
+            procs = fs.procs(cg)
+        except CgroupError:
+            continue
+        for pid in procs[:limit]:
+            st = read_stat(pid)
+            if st is None or st.state != "Z":
+                continue  # a live leader took the cgroup's kill itself
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if not same_process(read_stat(pid), st.start_ns):
+                    continue  # the pid was reused in between
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                sent += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return sent
+
+
 def kill_cgroup(fs: CgroupFS, rel: str, timeout_s: float = 5.0, retries: int = 3) -> ActionResult:
     t0 = time.monotonic()
     res = ActionResult("kill-cgroup", "failed", tasks_before=count_tasks(fs, rel))
@@ -85,7 +133,12 @@ def kill_cgroup(fs: CgroupFS, rel: str, timeout_s: float = 5.0, retries: int = 3
             res.notes.append(str(e))
             res.result = "failed"
             return res
-        done = wait_events(fs, rel, populated0, timeout_s / retries)
+        done = wait_events(fs, rel, populated0, min(SWEEP_AFTER_S, timeout_s / retries))
+        if done is False:
+            swept = kill_exited_leaders(fs, rel)
+            if swept:
+                res.notes.append(f"{swept} thread groups whose main thread had exited killed by pid")
+            done = wait_events(fs, rel, populated0, max(0.0, timeout_s / retries - SWEEP_AFTER_S))
         if done is None or done:
             res.result = "removed" if done else "gone"
             res.remove_ms = (time.monotonic() - t0) * 1000

@@ -12,7 +12,17 @@ import time
 import uuid
 from typing import Callable
 
-from cgguard.act.cgroup import QUARANTINE_PREFIX, ActionResult, count_tasks, frozen1, kill_cgroup, populated0, wait_events
+from cgguard.act.cgroup import (
+    QUARANTINE_PREFIX,
+    SWEEP_AFTER_S,
+    ActionResult,
+    count_tasks,
+    frozen1,
+    kill_cgroup,
+    kill_exited_leaders,
+    populated0,
+    wait_events,
+)
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone
 from cgguard.kernel.procfs import ProcStat, read_stat, same_process
 
@@ -115,7 +125,11 @@ def _quarantine(fs: CgroupFS, rel: str, bomb: set[int], timeout_s: float, res: A
             fs.kill(q)
         except CgroupError as e:
             res.notes.append(f"quarantine kill: {e}")
-        done = wait_events(fs, q, populated0, timeout_s)
+        done = wait_events(fs, q, populated0, min(SWEEP_AFTER_S, timeout_s))
+        if done is False and kill_exited_leaders(fs, q):
+            res.notes.append("thread groups whose main thread had exited killed by pid")
+        if done is False:
+            done = wait_events(fs, q, populated0, timeout_s)
         if done is False:
             res.notes.append("quarantine still populated, killing again")
             try:

@@ -1,12 +1,15 @@
 """Shared kill mechanics on real cgroups and real processes."""
 
 import os
+import shutil
 import time
 
 import psutil
+import pytest
 
 from cgguard import act
 from cgguard.kernel.procfs import read_stat
+from cgguard.testkit.corpus import compile_c
 
 
 def wait_for(pred, timeout=5.0):
@@ -99,3 +102,43 @@ def test_kill_lineage_without_fallback_never_kills_unmatched_processes(cgfs, san
     res = act.kill_lineage(cgfs, cg, ghost, fallback=lambda rel: act.kill_cgroup(cgfs, rel), unmatched_fallback=False)
     assert res.result == "not-found" and res.survivors == 0
     assert bystander.proc.poll() is None and not cgfs.frozen(cg)
+
+
+LEADERLESS_SRC = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+/* N threads that sleep out a deadline, then the main thread exits alone (pthread_exit): the
+   thread group lives on with a zombie leader. Bounded: threads end at the deadline. */
+static int secs;
+static void *sleeper(void *a) { (void)a; sleep(secs); return 0; }
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    secs = atoi(argv[2]);
+    for (int i = 0; i < n; i++) { pthread_t t; if (pthread_create(&t, 0, sleeper, 0)) break; }
+    pthread_exit(0);
+}
+"""
+
+
+def test_kill_cgroup_removes_a_thread_group_whose_main_thread_exited(cgfs, sandbox, tmp_path):
+    """cgroup.kill signals each process's leader; a leader that already exited never acts on it,
+    and its threads live on. The kill must still end with populated 0."""
+    if shutil.which("gcc") is None:
+        print("no gcc: cannot build the leaderless thread group")
+        pytest.skip("no gcc: cannot build the leaderless thread group")
+    prog = compile_c(LEADERLESS_SRC, "leaderless", str(tmp_path))
+    cg = sandbox.cgroup("leaderless")
+    w = sandbox.spawn([prog, "40", "60"], cg, deadline_s=60, cap=200)
+    assert wait_for(lambda: cgfs.count_threads_subtree(cg) >= 40, 30)
+    leader = w.proc.pid
+
+    def leaderless() -> bool:
+        st = read_stat(leader)
+        return st is not None and st.state == "Z" and leader in cgfs.procs(cg)
+
+    assert wait_for(leaderless, 30), "the main thread did not exit while its threads run"
+    res = act.kill_cgroup(cgfs, cg, timeout_s=15)
+    assert res.result == "removed", (res.result, res.notes, cgfs.count_threads_subtree(cg))
+    assert any("main thread had exited" in n for n in res.notes), res.notes
+    assert not cgfs.populated(cg)
