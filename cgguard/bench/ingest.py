@@ -203,7 +203,7 @@ class _PerDatagramReader:
         return self.conn.fileno()
 
     def read(self, sink: EventSink, max_events: int = 8192) -> int:
-        from cgguard.kernel.procconn import (
+        from cgguard.kernel.procconn_abi import (
             _EVENT,
             _EVENT_OFFSET,
             FILTER_LEGACY,
@@ -394,7 +394,7 @@ def _injector(conn: ProcConnector):
     one may unicast to another netlink socket): synthetic events with no process behind them."""
     import socket
 
-    from cgguard.kernel.procconn import NETLINK_CONNECTOR
+    from cgguard.kernel.procconn_abi import NETLINK_CONNECTOR
 
     tx = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
     tx.bind((0, 0))

@@ -8,11 +8,9 @@ Two sources, so the hot path pays nothing for metrics it does not produce:
   collector, only when someone scrapes ``/metrics``.
 
 The exposition (Prometheus text format, or OpenMetrics when the scraper asks for it) is written
-here rather than by prometheus_client: the agent's families are few and fixed, and the library
-and what it imports (it pulls in http.server's parsers and more) cost the agent 3.2 MiB of RSS
-for that. The output is what prometheus_client writes for the same families (a test compares
-the two), and the state of each :class:`Metrics` is its own, so tests and an agent restarted
-in-process never see each other's series.
+by :mod:`cgguard.sinks.exposition` rather than by prometheus_client, whose RSS the agent saves.
+The state of each :class:`Metrics` is its own, so tests and an agent restarted in-process never
+see each other's series.
 
 Cardinality is bounded: ``cgguard_cgroup_tasks`` has one series per cgroup only for the
 ``top_n`` (default 50) cgroups with the most tasks; the rest are summed into one series whose
@@ -35,11 +33,12 @@ import resource
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cgguard import __version__
 from cgguard.attribution import KINDS, LABEL_NAMES, attribute
+from cgguard.sinks.exposition import CONTENT_TYPE_LATEST, Metric, encode, go_float, negotiate
 from cgguard.sinks.incidents import Incident
 from cgguard.state.status import CgroupStatus, Status, StatusBoard
 
@@ -125,29 +124,6 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 _HELP = {m.name: m.help for m in METRICS}
 
-# Content types, as prometheus_client names them.
-CONTENT_TYPE_LATEST = "text/plain; version=1.0.0; charset=utf-8"
-CONTENT_TYPE_PLAIN_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
-CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-_ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
-
-
-@dataclass(slots=True)
-class Metric:
-    """One family: ``name`` without the _total of counters (OpenMetrics' family name), and its
-    samples as (full sample name, labels, value)."""
-
-    name: str
-    type: str  # counter, gauge, histogram
-    documentation: str
-    samples: list[tuple[str, tuple[tuple[str, str], ...], float]] = field(default_factory=list)
-    labels: tuple[str, ...] = ()
-
-    def add_metric(self, values: Iterable[str], value: float) -> None:
-        suffix = "_total" if self.type == "counter" else ""
-        self.samples.append((self.name + suffix, tuple(zip(self.labels, values)), float(value)))
-
-
 def _family(name: str, typ: str, labels: Iterable[str] = ()) -> Metric:
     """A family of METRICS by its exposed name (counters with _total)."""
     return Metric(name.removesuffix("_total") if typ == "counter" else name, typ, _HELP[name], labels=tuple(labels))
@@ -165,83 +141,6 @@ def _counter(name: str, value: float | None) -> Iterator[Metric]:
         fam = _family(name, "counter")
         fam.add_metric((), value)
         yield fam
-
-
-def _go_float(d: float) -> str:
-    """A value as Go (and prometheus_client) writes it."""
-    if d == math.inf:
-        return "+Inf"
-    if d == -math.inf:
-        return "-Inf"
-    if math.isnan(d):
-        return "NaN"
-    s = repr(float(d))
-    dot = s.find(".")
-    if d > 0 and dot > 6:  # Go switches to exponents sooner than Python
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
-        return f"{mantissa}e+0{dot - 1}"
-    return s
-
-
-def _escape(v: str, quote: bool = True) -> str:
-    v = v.replace("\\", r"\\").replace("\n", r"\n")
-    return v.replace('"', r'\"') if quote else v
-
-
-def _lines(fams: Iterable[Metric], openmetrics: bool) -> bytes:
-    out: list[str] = []
-    for m in fams:
-        name = m.name if openmetrics or m.type != "counter" else m.name + "_total"
-        out.append(f"# HELP {name} {_escape(m.documentation, quote=openmetrics)}\n")
-        out.append(f"# TYPE {name} {m.type}\n")
-        for sname, labels, value in m.samples:
-            if labels:
-                inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels))
-                out.append(f"{sname}{{{inner}}} {_go_float(value)}\n")
-            else:
-                out.append(f"{sname} {_go_float(value)}\n")
-    if openmetrics:
-        out.append("# EOF\n")
-    return "".join(out).encode("utf-8")
-
-
-def _accept_tokens(toks: list[str]) -> tuple[str, str]:
-    version, escaping = "", "underscores"
-    for tok in toks:
-        k, eq, v = tok.strip().partition("=")
-        if not eq:
-            continue
-        if k == "version":
-            version = v
-        elif k == "escaping" and v in _ESCAPINGS:
-            escaping = v
-    return version, escaping
-
-
-def _version(v: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in v.split("."))
-    except ValueError:
-        return (0,)
-
-
-def negotiate(accept: str | None) -> tuple[bool, str]:
-    """(OpenMetrics?, content type) for an Accept header, as prometheus_client's choose_encoder.
-    The agent's names are valid in every escaping scheme, so the body never depends on it."""
-    for accepted in (accept or "").split(","):
-        toks = accepted.split(";")
-        kind = toks[0].strip()
-        if kind == "application/openmetrics-text":
-            version, escaping = _accept_tokens(toks[1:])
-            if not version:
-                return True, CONTENT_TYPE_OPENMETRICS
-            if _version(version) >= (1, 0, 0):
-                return True, f"application/openmetrics-text; version={version}; charset=utf-8; escaping={escaping}"
-        elif kind == "text/plain":
-            version, escaping = _accept_tokens(toks[1:])
-            if version and _version(version) >= (1, 0, 0):
-                return False, f"{CONTENT_TYPE_LATEST}; escaping={escaping}"
-    return False, CONTENT_TYPE_PLAIN_0_0_4
 
 
 def _cgroup_labels(c: CgroupStatus) -> list[str]:
@@ -380,7 +279,7 @@ class _Histogram:
         acc = 0
         for le, n in zip((*LATENCY_BUCKETS, math.inf), self.counts):
             acc += n
-            fam.samples.append((f"{name}_bucket", (("le", _go_float(le)),), float(acc)))
+            fam.samples.append((f"{name}_bucket", (("le", go_float(le)),), float(acc)))
         fam.samples.append((f"{name}_count", (), float(acc)))
         fam.samples.append((f"{name}_sum", (), self.sum))
         return fam
@@ -457,8 +356,8 @@ class Metrics:
         """The exposition (body, content type); OpenMetrics if the Accept header asks for it."""
         if accept:
             openmetrics, ctype = negotiate(accept)
-            return _lines(self.families(), openmetrics), ctype
-        return _lines(self.families(), False), CONTENT_TYPE_LATEST
+            return encode(self.families(), openmetrics), ctype
+        return encode(self.families(), False), CONTENT_TYPE_LATEST
 
 
 def reference_markdown() -> str:

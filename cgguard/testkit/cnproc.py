@@ -12,7 +12,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from cgguard.kernel.procconn import (
+from cgguard.kernel.procconn import EventSink, deliver
+from cgguard.kernel.procconn_abi import (
     _CNHDR,
     _EVENT,
     _EVENT_OFFSET,
@@ -24,8 +25,6 @@ from cgguard.kernel.procconn import (
     PROC_EVENT_EXEC,
     PROC_EVENT_EXIT,
     PROC_EVENT_FORK,
-    EventSink,
-    deliver,
 )
 
 # File format: a magic line, one JSON metadata line, then entries of (kind u8, length u16,

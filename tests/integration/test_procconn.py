@@ -11,15 +11,12 @@ import time
 import pytest
 
 from cgguard.kernel.procconn import (
-    FILTER_EVENTS,
-    FILTER_LEGACY,
-    NETLINK_CONNECTOR,
-    PROC_EVENT_FORK,
     RECV_PER_DATAGRAM,
     RECV_RECVMMSG,
     ProcConnector,
     ProcConnectorUnavailable,
 )
+from cgguard.kernel.procconn_abi import FILTER_EVENTS, FILTER_LEGACY, NETLINK_CONNECTOR, PROC_EVENT_FORK
 from cgguard.testkit.cnproc import RecordingSink, encode_event, replay
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -133,7 +130,7 @@ def test_pyroute2_binds_in_a_helper_and_the_agent_never_imports_it():
 
 
 def test_without_a_usable_helper_the_socket_is_opened_directly(monkeypatch):
-    import cgguard.kernel.procconn as pc
+    import cgguard.kernel.procconn_socket as pc
 
     monkeypatch.setattr(pc.sys, "executable", "")
     conn = connector()

@@ -260,7 +260,7 @@ class _OriginProc:
 
 
 def _recording_origin(path: str) -> tuple[int, int]:
-    from cgguard.kernel.procconn import PROC_EVENT_EXEC
+    from cgguard.kernel.procconn_abi import PROC_EVENT_EXEC
     from cgguard.testkit.cnproc import iter_events
 
     for ev in iter_events(path):

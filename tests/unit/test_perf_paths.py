@@ -187,6 +187,7 @@ def test_exposition_is_byte_for_byte_what_prometheus_client_writes():
     from prometheus_client.core import Metric as PcMetric
     from prometheus_client.openmetrics.exposition import generate_latest as pc_om
 
+    from cgguard.sinks import exposition as ex
     from cgguard.sinks import metrics as mm
 
     m = mm.Metrics(tm.board_of(tm.full_status(80)))
@@ -194,7 +195,7 @@ def test_exposition_is_byte_for_byte_what_prometheus_client_writes():
     m.incident(tm.incident("report", "odd\"result\\with\nnewline", None, 3e4, None))
     fams = m.families()
     # awkward values and texts on top of the real ones
-    odd = mm.Metric("cgguard_odd", "gauge", 'help with \\ backslash, "quotes"\nand a newline', labels=("l",))
+    odd = ex.Metric("cgguard_odd", "gauge", 'help with \\ backslash, "quotes"\nand a newline', labels=("l",))
     for i, v in enumerate((0.1, 1e20, 123456789.0, float("inf"), -float("inf"), 0.0, 7.0)):
         odd.add_metric((f'v{i} "q" \\ \n',), v)
     fams.append(odd)
@@ -209,14 +210,14 @@ def test_exposition_is_byte_for_byte_what_prometheus_client_writes():
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(Collector())
-    assert mm._lines(fams, openmetrics=False) == pc_text(reg)
-    assert mm._lines(fams, openmetrics=True) == pc_om(reg)
+    assert ex.encode(fams, openmetrics=False) == pc_text(reg)
+    assert ex.encode(fams, openmetrics=True) == pc_om(reg)
 
 
 def test_content_negotiation_matches_prometheus_client():
     from prometheus_client.exposition import choose_encoder
 
-    from cgguard.sinks.metrics import negotiate
+    from cgguard.sinks.exposition import negotiate
 
     for accept in ("", "*/*", "text/plain", "text/plain; version=0.0.4", "text/plain;version=1.0.0",
                    "text/plain; version=1.0.0; escaping=allow-utf-8", "application/openmetrics-text",

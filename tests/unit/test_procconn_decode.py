@@ -9,12 +9,18 @@ import struct
 import pytest
 
 from cgguard.kernel.procconn import (
-    _EVENT,
-    _EVENT_OFFSET,
     _SLOT,
     _SLOT_EVENT,
     _SLOT_SEQ,
     BATCH_SLOTS,
+    RECV_PER_DATAGRAM,
+    RECV_RECVMMSG,
+    ProcConnector,
+    deliver,
+)
+from cgguard.kernel.procconn_abi import (
+    _EVENT,
+    _EVENT_OFFSET,
     FILTER_LEGACY,
     MSG_SIZE,
     PROC_EVENT_COMM,
@@ -22,10 +28,6 @@ from cgguard.kernel.procconn import (
     PROC_EVENT_EXIT,
     PROC_EVENT_FORK,
     PROC_EVENT_NONE,
-    RECV_PER_DATAGRAM,
-    RECV_RECVMMSG,
-    ProcConnector,
-    deliver,
 )
 from cgguard.testkit.cnproc import encode_event
 

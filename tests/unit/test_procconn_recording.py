@@ -8,14 +8,13 @@ import time
 
 import pytest
 
-from cgguard.kernel.procconn import (
+from cgguard.kernel.procconn import ProcConnector, ProcConnectorUnavailable
+from cgguard.kernel.procconn_abi import (
     MSG_SIZE,
     PROC_EVENT_COMM,
     PROC_EVENT_EXEC,
     PROC_EVENT_EXIT,
     PROC_EVENT_FORK,
-    ProcConnector,
-    ProcConnectorUnavailable,
 )
 from cgguard.testkit.cnproc import encode_event, iter_events, keep_lineage, replay, write_recording
 

@@ -1,0 +1,3 @@
+from cgguard.cli import main
+
+raise SystemExit(main())
