@@ -1,4 +1,4 @@
-"""``python -m cgguard.bench``: the benchmark with every flag (``cgguard bench`` has the common ones).
+"""``python -m cgguard.bench`` and ``cgguard bench``: the benchmark's flags and entry.
 
 The guest runs its part through this entry (``--in-guest``), and so can a developer who wants
 the generated shapes alone (``--shapes``), in the guest too (``--guest``), from another seed.
@@ -22,18 +22,21 @@ def _positive(text: str) -> int:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cgguard.bench", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m cgguard.bench", parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The bench's parser; ``cgguard bench`` passes the CLI's parser class (one-line errors)."""
+    p = parser_class(prog=prog, description="Benchmark cgguard against baselines: detection quality, removal time, cost.")
     add_arguments(p)
     return p
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench's flags, for this entry and for ``cgguard bench`` (cgguard/cli.py)."""
+    """The bench's flags, for this entry and for ``cgguard bench``."""
     p.add_argument("--quick", action="store_true", help="fewer runs and a subset of the shapes, for CI")
     p.add_argument("--out", metavar="DIR", default="results", help="results folder (default ./results)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only these workloads (or: cost, events, targets, shapes)")
+    p.add_argument("--cost", action="store_true",
+                   help="only the agent-cost scenarios: fork loads, busy node, 10,000 cgroups, scrape load")
     p.add_argument("--shapes", action="store_true", help="run only the generated shapes (with and without a limit)")
     p.add_argument("--guest", action="store_true", help="also run the generated shapes in the pure cgroup-v2 guest")
     p.add_argument("--guest-only", action="store_true", help="run only the generated shapes, only in the guest")

@@ -15,7 +15,7 @@ import socket
 import sys
 from typing import Any
 
-from cgguard.cli.parser import UsageError, config_overrides
+from cgguard.cli.parser import UsageError, _Parser, config_overrides
 from cgguard.cli.render import print_incidents, print_status, print_tree, printable
 
 
@@ -262,9 +262,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     try:
         from cgguard.bench import main as bench_main
+        from cgguard.bench.__main__ import build_parser
     except ImportError as e:
         raise UsageError(f"benchmark unavailable: {e}") from None
-    return bench_main(a)
+    return bench_main(build_parser(prog="cgguard bench", parser_class=_Parser).parse_args(a.args))
 
 
 def cmd_config_reference(a: argparse.Namespace) -> int:

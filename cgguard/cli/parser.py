@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cgroup-root", metavar="PATH")
     d.add_argument("--keep-state", action="store_true", help="keep the demo's state dir")
 
-    b = sub.add_parser("bench", help="benchmark detection, removal and cost against baselines")
-    b.add_argument("--quick", action="store_true", help="fewer runs, for CI")
-    b.add_argument("--out", metavar="DIR", default="results", help="results folder (default ./results)")
-    b.add_argument("--only", action="append", metavar="NAME", help="run only these workloads")
-    b.add_argument("--cost", action="store_true", help="only the agent-cost scenarios: fork loads, busy node, 10,000 cgroups, scrape load")
+    # The bench's flags are defined once, by the bench (cgguard/bench/__main__.py), which is
+    # imported only when the command runs: the agent's command line never loads the harness.
+    b = sub.add_parser("bench", help="benchmark detection, removal and cost against baselines (cgguard bench --help)",
+                       add_help=False, prefix_chars="\0")
+    b.add_argument("args", nargs=argparse.REMAINDER)
 
     sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     return p
