@@ -42,17 +42,38 @@ def parse_pids_v1_root(mountinfo_text: str) -> str | None:
     return None
 
 
-def v1_pids_path(pid: int) -> str | None:
-    """The v1 pids cgroup of a process, relative to the v1 pids root ("" is the root), or None."""
+def _pids_line(path: str) -> str | None:
     try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                _, ctrls, cg = line.rstrip("\n").split(":", 2)
                 if "pids" in ctrls.split(","):
-                    return path.strip("/")
+                    return cg.strip("/")
     except (OSError, ValueError):
         return None
     return None
+
+
+def v1_pids_path(pid: int, threads_to_try: int = 8) -> str | None:
+    """The v1 pids cgroup of a process, relative to the v1 pids root ("" is the root), or None.
+
+    A process whose main thread has exited (``pthread_exit()`` in ``main``) while its other
+    threads run shows "/" for every v1 hierarchy in ``/proc/<pid>/cgroup``: the kernel prints the
+    root for an exiting task. Its live threads still show where the process is charged.
+    """
+    path = _pids_line(f"/proc/{pid}/cgroup")
+    if path != "":
+        return path
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return path
+    for tid in tids[:threads_to_try]:
+        if tid != str(pid):
+            found = _pids_line(f"/proc/{pid}/task/{tid}/cgroup")
+            if found:
+                return found
+    return path
 
 
 def limit_chain(root: str, rel: str) -> list[tuple[str, int]]:

@@ -208,6 +208,29 @@ def compile_c(source: str, name: str, workdir: str | None = None) -> str:
     return out
 
 
+LEADERLESS_SRC = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+/* argv[1] threads that sleep argv[2] seconds, then the main thread exits alone (pthread_exit):
+   the thread group lives on behind a zombie leader, which /proc and cgroup.kill treat apart.
+   Bounded: the threads end at their deadline. */
+static int secs;
+static void *sleeper(void *a) { (void)a; sleep(secs); return 0; }
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 8;
+    secs = argc > 2 ? atoi(argv[2]) : 30;
+    for (int i = 0; i < n; i++) { pthread_t t; if (pthread_create(&t, 0, sleeper, 0)) break; }
+    pthread_exit(0);
+}
+"""
+
+
+def leaderless_binary(workdir: str | None = None) -> str:
+    """A thread group whose main thread has exited, compiled (see LEADERLESS_SRC)."""
+    return compile_c(LEADERLESS_SRC, "leaderless", workdir)
+
+
 def c_fork_binary(workdir: str | None = None) -> str:
     """The C fork-loop bomb, compiled."""
     return compile_c(C_FORK_SRC, "cbomb", workdir)

@@ -9,7 +9,7 @@ import pytest
 
 from cgguard import act
 from cgguard.kernel.procfs import read_stat
-from cgguard.testkit.corpus import compile_c
+from cgguard.testkit.corpus import leaderless_binary
 
 
 def wait_for(pred, timeout=5.0):
@@ -104,21 +104,6 @@ def test_kill_lineage_without_fallback_never_kills_unmatched_processes(cgfs, san
     assert bystander.proc.poll() is None and not cgfs.frozen(cg)
 
 
-LEADERLESS_SRC = r"""
-#include <pthread.h>
-#include <stdlib.h>
-#include <unistd.h>
-/* N threads that sleep out a deadline, then the main thread exits alone (pthread_exit): the
-   thread group lives on with a zombie leader. Bounded: threads end at the deadline. */
-static int secs;
-static void *sleeper(void *a) { (void)a; sleep(secs); return 0; }
-int main(int argc, char **argv) {
-    int n = atoi(argv[1]);
-    secs = atoi(argv[2]);
-    for (int i = 0; i < n; i++) { pthread_t t; if (pthread_create(&t, 0, sleeper, 0)) break; }
-    pthread_exit(0);
-}
-"""
 
 
 def test_kill_cgroup_removes_a_thread_group_whose_main_thread_exited(cgfs, sandbox, tmp_path):
@@ -127,7 +112,7 @@ def test_kill_cgroup_removes_a_thread_group_whose_main_thread_exited(cgfs, sandb
     if shutil.which("gcc") is None:
         print("no gcc: cannot build the leaderless thread group")
         pytest.skip("no gcc: cannot build the leaderless thread group")
-    prog = compile_c(LEADERLESS_SRC, "leaderless", str(tmp_path))
+    prog = leaderless_binary(str(tmp_path))
     cg = sandbox.cgroup("leaderless")
     w = sandbox.spawn([prog, "40", "60"], cg, deadline_s=60, cap=200)
     assert wait_for(lambda: cgfs.count_threads_subtree(cg) >= 40, 30)

@@ -1,6 +1,9 @@
+import os
 import time
 
 import pytest
+
+from conftest import wait_until
 
 from cgguard.kernel.cgroupfs import CgroupGone, parse_cgroup2_mounts
 
@@ -90,3 +93,33 @@ def test_moving_an_exited_process_is_not_a_vanished_cgroup(cgfs, sandbox):
     p.wait()
     assert cgfs.move_process(cg, p.pid) is False  # the pid is gone; the cgroup is fine
     assert cgfs.exists(cg)
+
+
+def test_v1_pids_group_of_a_process_whose_main_thread_exited(sandbox, tmp_path):
+    """/proc/<pid>/cgroup shows "/" for every v1 hierarchy once the main thread exits; the
+    process is still charged to its v1 group, which its live threads show."""
+    import shutil
+
+    from cgguard.kernel import pidsv1
+    from cgguard.kernel.procfs import read_stat
+    from cgguard.testkit.corpus import leaderless_binary
+
+    if sandbox.mode != "v1-pids":
+        reason = f"needs the v1 pids hierarchy (sandbox mode {sandbox.mode})"
+        print(reason)
+        pytest.skip(reason)
+    if shutil.which("gcc") is None:
+        print("no gcc")
+        pytest.skip("no gcc")
+    prog = leaderless_binary(str(tmp_path))
+    cg = sandbox.cgroup("leaderless")
+    w = sandbox.spawn([prog, "4", "60"], cg, deadline_s=60, cap=64)
+    root = pidsv1.find_pids_v1_root()
+    want = os.path.relpath(w.v1_dir, root)
+
+    def leaderless() -> bool:
+        st = read_stat(w.proc.pid)
+        return st is not None and st.state == "Z" and st.num_threads >= 4
+
+    assert wait_until(leaderless), "the main thread did not exit while its threads run"
+    assert pidsv1.v1_pids_path(w.proc.pid) == want
