@@ -175,6 +175,11 @@ class TrajectoryParams(_Model):
     long_window_ms: int = Field(
         8000, ge=1000, le=HISTORY_MS - 1000, description="Window for slow, steady growth (must exceed window_ms)."
     )
+    leap_factor: float = Field(
+        2.0, ge=1.2, le=1000.0, allow_inf_nan=False,
+        description="Where no kernel limit holds the cgroup (default budget): within long_window_ms it went from "
+        "within its budget to this many times it -- faster than the samples could follow.",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> "TrajectoryParams":

@@ -145,7 +145,7 @@ def trajectory(cgroup: str, hist: History, now_ns: int, p: TrajectoryParams) -> 
     last = hist.last
     if not p.enabled or last is None or last.usage < p.min_usage:
         return None
-    found = _fast(hist, now_ns, p) or _slow(hist, now_ns, p)
+    found = _fast(hist, now_ns, p) or _slow(hist, now_ns, p) or _leap(hist, now_ns, p)
     if found is None:
         return None
     low, span_s, how = found
@@ -204,6 +204,22 @@ def _slow(hist: History, now_ns: int, p: TrajectoryParams) -> tuple[Sample, floa
     if any(b <= a for a, b in zip(peaks, peaks[1:])) or last.tasks - first.tasks < need:
         return None
     return first, max((last.t_ns - first.t_ns) / 1e9, 1e-3), f"higher in every quarter of {p.long_window_ms} ms"
+
+
+def _leap(hist: History, now_ns: int, p: TrajectoryParams) -> tuple[Sample, float, str] | None:
+    """Within the long window, from within the budget to ``leap_factor`` times it. Only where no
+    kernel limit holds the cgroup: there the count may jump between two samples and then sit far
+    past the budget (at pid_max, threads-max, RLIMIT_NPROC or a limit the agent cannot read),
+    where neither the rising views nor the pinned rule can see it."""
+    last = hist.samples[-1]
+    if last.source != "default" or last.level < p.leap_factor * last.limit:
+        return None
+    start = now_ns - p.long_window_ms * MS
+    within = [s for s in hist.samples if s.t_ns >= start and s.level <= s.limit]
+    if not within:
+        return None
+    low = within[-1]
+    return low, max((last.t_ns - low.t_ns) / 1e9, 1e-3), f"{last.level / last.limit:.1f}x its budget within {p.long_window_ms} ms"
 
 
 def holds_most(tasks: int, peers: Iterable[int]) -> bool:

@@ -664,3 +664,30 @@ def test_pinned_slowly_a_forker_that_backs_off_but_never_lets_go():
     # and a workload at its limit whose forks stopped being refused is left alone
     quiet = series([limit] * n, limit=limit, refused=cumulative([1 if i == 3 else 0 for i in range(n)]), source="v1:ctr")
     assert run(d.pinned, quiet) == []
+
+
+def test_a_leap_far_past_the_default_budget_between_samples_is_caught_while_it_sits_there():
+    """Calm sampling (1 s) misses the growth; the count then sits at whatever really holds it
+    (pid_max, threads-max, RLIMIT_NPROC, a limit the agent cannot read): flat, no refusals it can
+    read, no births it can count. Twice the default budget within the long window is the harm."""
+    limit = 256
+    calm = series([3, 3, 3], limit=limit, source="default", step_ms=1000)
+    sitting = series([2048] * 10, limit=limit, source="default", t0_ms=1000 + 3 * 1000)
+    s = calm + sitting
+    fired = sorted(all_rules(s), key=lambda x: x[1])
+    assert fired and fired[0] == ("trajectory", 3), fired
+    v = at_end(d.trajectory, s[:4])
+    assert v is not None and "8.0x its budget" in v.reasons[0].detail, v
+
+
+def test_no_leap_verdict_under_a_kernel_limit_or_short_of_the_factor_or_from_long_ago():
+    limit = 256
+    jump = [3, 3, 3] + [2048] * 10
+    # A kernel limit holds it: pinned decides there, on refusals, not the leap.
+    assert at_end(d.trajectory, series(jump, limit=limit, level=[min(x, limit) for x in jump], source="v1:x")) is None
+    # Short of the factor: a plateau past the budget that does not grow is not a runaway.
+    assert not run(d.trajectory, series([3] * 3 + [int(1.9 * limit)] * 10, limit=limit, source="default"))
+    # Past twice the budget for longer than the long window: it got there long ago and stays.
+    long_ago = series([3] * 3, limit=limit, source="default", step_ms=20)
+    later = series([600] * 2, limit=limit, source="default", t0_ms=1000 + 9000, step_ms=20)
+    assert at_end(d.trajectory, long_ago + later) is None
