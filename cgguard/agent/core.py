@@ -17,15 +17,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 import selectors
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
 from cgguard.act import ActionResult
-from cgguard.attribution import attribute
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
 from cgguard.detect.cgroup import RULES, holds_most
@@ -34,7 +32,7 @@ from cgguard.kernel.cgroupns import adopt_cgroupns_root, own_cgroup
 from cgguard.kernel.clock import MS, S
 from cgguard.kernel.files import FileCache
 from cgguard.kernel.procfs import read_stat
-from cgguard.sinks.incidents import Incident, IncidentLog, IncidentLogError
+from cgguard.sinks.incidents import Incident, IncidentLog
 from cgguard.state.budget import Budgets
 from cgguard.state.lineage import within
 from cgguard.state.status import StatusBoard
@@ -42,7 +40,9 @@ from cgguard.state.watch import Node, Watcher
 
 from . import policy
 from .control import ControlServer
-from .host import protect_process, raise_thread_priority, sd_notify
+from .host import files_within_fd_limit, profiler, protect_process, raise_thread_priority, sd_notify
+from .recording import IncidentSink, Recorder, Workloads
+from .recovery import recover
 from .status import build_status, status_dict
 from .tracking import Tracking, TrackingUnavailable
 from .worker import ActionWorker, Job
@@ -60,27 +60,6 @@ LOOP_GIL_WAIT_S = 0.001
 ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
 KILL_ATTEMPTS = 3
-# Descriptors the rest of the agent may hold at once (sockets and their connections, pipes, the
-# incident log, /proc reads, a kill's inotify, hooks): kept-open cgroupfs files never take these.
-FD_RESERVE = 64
-
-
-def _profiler() -> Any:
-    """CGGUARD_PROFILE=FILE: profile the loop thread with cProfile, written to FILE at exit (for
-    ``cgguard bench``'s cost runs and by hand; the profiler slows the loop, so never in production)."""
-    if not os.environ.get("CGGUARD_PROFILE"):
-        return None
-    import cProfile
-
-    prof = cProfile.Profile()
-    prof.enable()
-    return prof
-
-
-class IncidentSink(Protocol):
-    """Told about every incident twice: when detected, and with its result."""
-
-    def incident(self, inc: Incident) -> None: ...
 
 
 @dataclass
@@ -123,9 +102,10 @@ class Agent:
         self.pid = os.getpid()
         self.own_cgroup = ""  # read in setup(), once cgroup-namespace paths are translated
         self.log = IncidentLog(cfg.state_dir)
-        self.sinks = list(sinks)
         self.board = board or StatusBoard()
         self.board.bind(self.wake)
+        self.recorder = Recorder(self.log, sinks, self.board)
+        self.workloads = Workloads()
         self.files = FileCache(cfg.sampling.max_open_files)
         self.budgets = Budgets(fs, self.files, cfg.budget.default_tasks, cfg.budget.use_v1)
         self.watcher = Watcher(
@@ -139,9 +119,6 @@ class Agent:
         self.tracking: Tracking | None = None
         self.tracking_note = "off"
         self.ready = False
-        self.incidents_since_start = 0
-        self.incidents_recorded = 0
-        self.not_removed: dict[str, int] = {}
         self.loop_errors = 0
         self._errors_logged: dict[str, float] = {}
         self.notes: list[str] = []
@@ -162,8 +139,6 @@ class Agent:
         self._lineage_quiet: dict[str, int] = {}
         self._acted: dict[str, tuple[int, str, str]] = {}  # target -> (when, action, result)
         self._adopt_at: dict[str, int] = {}
-        self._workloads: dict[str, dict[str, Any] | None] = {}
-        self._reeval: set[str] = set()
         self._next_age_ns = 0
         self._drained_ns = 0
         self._pc_last_ns = 0
@@ -181,8 +156,8 @@ class Agent:
         self.notes += protect_process()
         self._fit_files_to_fd_limit()
         self.log.open()
-        self._recover()
-        self.incidents_recorded = self.log.count()
+        reeval = recover(self.log, self.fs)
+        self.recorder.count_logged()
         if self.cfg.control_socket:
             self.control = ControlServer(self.cfg.control_socket, self.wake)
         self.watcher.start()
@@ -201,7 +176,7 @@ class Agent:
                 self.tracking_note = f"unavailable: {e}"
                 log.warning("process tracking unavailable, sampling only: %s", e)
         now = self.clock()
-        for rel in self._reeval:
+        for rel in reeval:
             node = self.watcher.watched_ancestor(rel)
             if node is not None:
                 self.watcher.hint_active(node, now)
@@ -218,52 +193,11 @@ class Agent:
         )
 
     def _fit_files_to_fd_limit(self) -> None:
-        """Kept-open files get at most half of what RLIMIT_NOFILE leaves beyond FD_RESERVE. A cache
-        that filled the fd table (the file cache only shrinks when its own open fails) would make
-        every other open fail with EMFILE: the status, a budget's pids.max, the incident log."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY:
-            return
-        fit = max(0, (soft - FD_RESERVE) // 2)
-        if fit < self.files.max_open:
-            msg = (
-                f"RLIMIT_NOFILE is {soft}: keeping at most {fit} cgroupfs files open "
-                f"(sampling.max_open_files {self.files.max_open}); the rest are opened per read"
-            )
+        fit = files_within_fd_limit(self.files.max_open)
+        if fit is not None:
+            self.files.max_open, msg = fit
             log.warning(msg)
             self.notes.append(msg)
-            self.files.max_open = fit
-
-    def _recover(self) -> None:
-        """An incident left open by a crash is closed, and its cgroup looked at again at once."""
-        for rec in self.log.open_incidents():
-            note = "the agent stopped before this incident had a result; its cgroup was re-evaluated at start-up"
-            cg = rec.get("cgroup")
-            if rec.get("action") == Action.kill_lineage.value and isinstance(cg, str) and self._thaw_interrupted(cg):
-                note += " (thawed first: the interrupted surgical kill had left it frozen)"
-            try:
-                self.log.close_interrupted(rec, note)
-            except (IncidentLogError, OSError) as e:
-                log.error("incident log: closing %s: %s", rec.get("id"), e)
-                continue
-            if isinstance(rec.get("cgroup"), str):
-                self._reeval.add(rec["cgroup"])
-            log.warning("incident %s in %s was interrupted by an agent restart", rec.get("id"), rec.get("cgroup"))
-
-    def _thaw_interrupted(self, rel: str) -> bool:
-        """A surgical kill freezes the shared cgroup while it sorts the bomb from its neighbours;
-        an agent killed in between leaves it frozen. A frozen bomb neither grows nor refuses
-        forks, so no rule would ever see it, and the neighbours stay frozen with it. Thawed, the
-        bomb is seen at once (its cgroup is re-evaluated) and removed whole: its lineage is lost."""
-        try:
-            if not self.fs.exists(rel) or not self.fs.frozen(rel):
-                return False
-            self.fs.freeze(rel, False)
-        except CgroupError as e:
-            log.error("thawing %s after an interrupted surgical kill: %s", rel, e)
-            return False
-        log.warning("thawed %s: an interrupted surgical kill had left it frozen", rel)
-        return True
 
     def _watched_paths(self) -> list[str]:
         return [n.rel for n in self.watcher.watched()]
@@ -274,8 +208,9 @@ class Agent:
         pk = self._kills.pop(node.rel, None)
         if pk is not None:
             self._finish(pk.job, ActionResult("kill-cgroup", "gone", (self.clock() - pk.t0_ns) / MS, 0, pk.tasks_before))
-        for table in (self._cooldown, self._lineage_quiet, self._workloads, self._adopt_at, self._acted):
+        for table in (self._cooldown, self._lineage_quiet, self._adopt_at, self._acted):
             table.pop(node.rel, None)
+        self.workloads.forget(node.rel)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
         own = self.own_cgroup
@@ -290,7 +225,7 @@ class Agent:
         # The loop shares the GIL with the HTTP, control and sink threads: when it wakes while one
         # of them runs Python, it gets the GIL after at most this long (default 5 ms).
         sys.setswitchinterval(min(sys.getswitchinterval(), LOOP_GIL_WAIT_S))
-        prof = _profiler()
+        prof = profiler()
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, self._on_inotify)
         sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -698,7 +633,7 @@ class Agent:
             return
         if verdict.evidence == "lineage" and self._lineage_quiet.get(target.rel, 0) > now:
             return
-        wl = self.workload(target.rel)
+        wl = self.workloads.get(target.rel)
         tenant = tenant_key(target.rel, wl, self._top_watched(target.rel))
         ctx = self._context(target, verdict, tenant, now)
         d = policy.decide(verdict, ctx)
@@ -709,7 +644,7 @@ class Agent:
         # every millisecond before cgroup.kill is a millisecond more of forks.
         killed = self._write_kill(target) if d.action == Action.kill_cgroup else None
         log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
-        self._record(inc, final=False)
+        self.recorder.record(inc, final=False)
         if d.result == "allowed" and ctx.allowed is None:
             # Relaxed, not exempt: only the lineage evidence was set aside. A cooldown of the
             # whole target would also silence the budget rules while the tool runs away.
@@ -718,7 +653,7 @@ class Agent:
             self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
         if not d.acts:
             inc.result = d.result or "reported"
-            self._record(inc, final=True, unremoved=d.unremoved)
+            self.recorder.record(inc, final=True, unremoved=d.unremoved)
             return
         target.busy = True
         tr = self.tracking
@@ -798,36 +733,6 @@ class Agent:
             notes=list(d.notes),
         )
 
-    def workload(self, rel: str) -> dict[str, Any] | None:
-        if rel in self._workloads:
-            return self._workloads[rel]
-        try:
-            wl: dict[str, Any] | None = attribute(rel).to_dict()
-        except Exception:  # attribution must never stop an action
-            log.exception("attribution of %s failed", rel)
-            wl = None
-        if len(self._workloads) > 100_000:
-            self._workloads.clear()  # cgroups come and go; keep the cache bounded
-        self._workloads[rel] = wl
-        return wl
-
-    def _record(self, inc: Incident, final: bool, unremoved: str | None = None) -> None:
-        try:
-            self.log.append(inc)
-        except IncidentLogError as e:
-            log.error("incident log: %s", e)
-        if final:
-            self.incidents_since_start += 1
-            self.incidents_recorded += 1
-            if unremoved:
-                self.not_removed[unremoved] = self.not_removed.get(unremoved, 0) + 1
-            self.board.invalidate()
-        for sink in self.sinks:
-            try:
-                sink.incident(inc)
-            except Exception:  # a sink must never stop the agent
-                log.exception("incident sink %r failed", sink)
-
     def _settle(self, max_wait_s: float = 1.0) -> None:
         """Called from the action thread after a freeze: wait until the loop has read every
         proc-connector event queued before now, so the tree knows each frozen process. The cgroup
@@ -856,7 +761,7 @@ class Agent:
         unremoved = job.decision.unremoved
         if res.result in ("failed", "timeout"):
             unremoved = "failed"
-        self._record(inc, final=True, unremoved=unremoved)
+        self.recorder.record(inc, final=True, unremoved=unremoved)
         now = self.clock()
         self._acted[job.target] = (now, res.action, res.result)
         node = self.watcher.nodes.get(job.target)
