@@ -20,32 +20,29 @@ import os
 import selectors
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable
 
-from cgguard.act import ActionResult
-from cgguard.config import Action, Config
-from cgguard.detect import Verdict
+from cgguard.config import Config
 from cgguard.detect.cgroup import RULES, holds_most
-from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone
+from cgguard.kernel.cgroupfs import CgroupFS
 from cgguard.kernel.cgroupns import adopt_cgroupns_root, own_cgroup
 from cgguard.kernel.clock import MS, S
 from cgguard.kernel.files import FileCache
-from cgguard.kernel.procfs import read_stat
-from cgguard.sinks.incidents import Incident, IncidentLog
+from cgguard.sinks.incidents import IncidentLog
 from cgguard.state.budget import Budgets
 from cgguard.state.lineage import within
 from cgguard.state.status import StatusBoard
 from cgguard.state.watch import Node, Watcher
 
-from . import policy
+from .acting import Acting
+from .context import own_or_ancestor
 from .control import ControlServer
 from .host import files_within_fd_limit, profiler, protect_process, raise_thread_priority, sd_notify
 from .recording import IncidentSink, Recorder, Workloads
 from .recovery import recover
 from .status import build_status, status_dict
 from .tracking import Tracking, TrackingUnavailable
-from .worker import ActionWorker, Job
+from .worker import ActionWorker
 
 log = logging.getLogger("cgguard.agent")
 PROCCONN_COALESCE_NS = 2 * MS
@@ -57,33 +54,7 @@ PROCCONN_FAST_HOLD_NS = 250 * MS
 LOOP_TICK_NS = 200 * MS
 SAMPLES_PER_TURN = 64
 LOOP_GIL_WAIT_S = 0.001
-ESCALATE_NS = 30 * S  # a runaway back within this after an action gets the whole cgroup removed
 ADOPT_GAP_NS = 1 * S
-KILL_ATTEMPTS = 3
-
-
-@dataclass
-class PendingKill:
-    job: Job
-    t0_ns: int
-    deadline_ns: int
-    tasks_before: int
-    attempts: int = 1
-
-
-def tenant_key(rel: str, wl: dict[str, Any] | None, top: str) -> str:
-    """Whose kill budget an action on ``rel`` spends: a pod, a user, a container or unit, else the
-    delegated tree it sits in (the highest watched cgroup above it), so that a tenant who can
-    create cgroups cannot multiply its budget by making many."""
-    wl = wl or {}
-    kind = wl.get("kind")
-    if kind == "pod" and wl.get("pod_uid"):
-        return f"pod:{wl['pod_uid']}"
-    if kind in ("session", "user-service") and wl.get("uid") is not None:
-        return f"uid:{wl['uid']}"
-    if kind in ("container", "machine", "service", "scope", "unit") and wl.get("base"):
-        return f"{kind}:{wl['base']}"
-    return f"cgroup:{top}"
 
 
 class Agent:
@@ -112,12 +83,11 @@ class Agent:
             fs, cfg.watch, cfg.protect, cfg.sampling, self.budgets, self.files,
             exclude=self._is_own_or_ancestor, on_removed=self._forget_cgroup,
         )
-        kb = cfg.kill_budget
-        self.kill_budgets = policy.Budgets(kb.max_actions, kb.node_max_actions, kb.per_seconds)
         # The connector stays open with tracking disabled, so 'ctl tracking enable' can turn it on.
         self.use_connector = cfg.tracking.connector if use_connector is None else use_connector
         self.tracking: Tracking | None = None
         self.tracking_note = "off"
+        self._acting: Acting | None = None  # needs the tracking that setup() starts (or fails to)
         self.ready = False
         self.loop_errors = 0
         self._errors_logged: dict[str, float] = {}
@@ -132,12 +102,6 @@ class Agent:
             wake=self.wake,
         )
         self.control: ControlServer | None = None
-        self._kills: dict[str, PendingKill] = {}
-        self._cooldown: dict[str, int] = {}
-        # Lineage verdicts set aside by a relaxing allow rule, per target: quiet for a while,
-        # without muting the budget rules the rule leaves in charge.
-        self._lineage_quiet: dict[str, int] = {}
-        self._acted: dict[str, tuple[int, str, str]] = {}  # target -> (when, action, result)
         self._adopt_at: dict[str, int] = {}
         self._next_age_ns = 0
         self._drained_ns = 0
@@ -146,6 +110,12 @@ class Agent:
         self._pc_coalesce_ns = PROCCONN_COALESCE_NS
         self._pc_fast_until_ns = 0
         self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
+
+    @property
+    def acting(self) -> Acting:
+        if self._acting is None:
+            raise RuntimeError("Agent.setup() has not run")
+        return self._acting
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -175,6 +145,11 @@ class Agent:
                 self.tracking = None
                 self.tracking_note = f"unavailable: {e}"
                 log.warning("process tracking unavailable, sampling only: %s", e)
+        self._acting = Acting(
+            self.cfg, self.fs, self.watcher, self.tracking,
+            own_cgroup=self.own_cgroup, worker=self.worker, recorder=self.recorder, workloads=self.workloads,
+            clock=self.clock, new_cgroup=self._new_cgroup, settle=self._settle,
+        )
         now = self.clock()
         for rel in reeval:
             node = self.watcher.watched_ancestor(rel)
@@ -205,16 +180,13 @@ class Agent:
     def _forget_cgroup(self, node: Node) -> None:
         """A watched cgroup vanished: finish a kill waiting on it, and drop what the agent kept for
         it, or pod churn over weeks grows these tables without bound."""
-        pk = self._kills.pop(node.rel, None)
-        if pk is not None:
-            self._finish(pk.job, ActionResult("kill-cgroup", "gone", (self.clock() - pk.t0_ns) / MS, 0, pk.tasks_before))
-        for table in (self._cooldown, self._lineage_quiet, self._adopt_at, self._acted):
-            table.pop(node.rel, None)
+        if self._acting is not None:
+            self._acting.forget(node.rel)
         self.workloads.forget(node.rel)
+        self._adopt_at.pop(node.rel, None)
 
     def _is_own_or_ancestor(self, rel: str) -> bool:
-        own = self.own_cgroup
-        return rel == own or own.startswith(rel + "/") or rel == ""
+        return own_or_ancestor(rel, self.own_cgroup)
 
     def _in_scope(self, cgroup: str | None) -> bool:
         return cgroup is not None and self.watcher.watched_ancestor(cgroup) is not None
@@ -292,7 +264,7 @@ class Agent:
             self._sample_and_check(node, now)
         for node in self.watcher.maybe_rescan_degraded(now):
             self._new_cgroup(node, now)
-        self._check_kills(now)
+        self.acting.kills.check(now)
         if now >= self._next_age_ns:
             if self.tracking is not None:
                 self.tracking.age(now)
@@ -304,7 +276,7 @@ class Agent:
             # queues need no look (two lock round trips) on every other turn of the loop.
             self._woken = False
             for job, res in self.worker.results():
-                self._finish(job, res)
+                self.acting.finish(job, res)
             if self.control is not None:
                 self.control.serve_pending(self.handle_control)
         if self.board.wanted:
@@ -361,11 +333,9 @@ class Agent:
             elif kind == "added":
                 self._new_cgroup(node, now)
             elif kind == "events":
-                pk = self._kills.get(node.rel)
-                if pk is not None and not node.populated:
-                    del self._kills[node.rel]
-                    self._finish(pk.job, ActionResult("kill-cgroup", "removed", (now - pk.t0_ns) / MS, 0, pk.tasks_before))
-                elif node.populated:
+                if not node.populated:
+                    self.acting.kills.emptied(node, now)  # a kill's end
+                else:
                     # Something started in a cgroup that was empty: sample it (and, for narrowing
                     # a verdict later, its watched parents) from its first tasks on, and track
                     # processes a runtime moved in after their fork.
@@ -445,7 +415,7 @@ class Agent:
             if not node.busy and not node.frozen and tr.qualifies(node.rel, now):
                 verdict = tr.evaluate(node.rel, now)
                 if verdict is not None:
-                    self._on_verdict(node, verdict)
+                    self.acting.on_verdict(node, verdict)
 
     # -- detection -------------------------------------------------------------------------
     def _sample_and_check(self, node: Node, now: int) -> None:
@@ -461,7 +431,7 @@ class Agent:
         for rule in RULES:
             verdict = rule(node.rel, node.history, now, self._params(rule.__name__))
             if verdict is not None and (verdict.evidence != "budget" or self._holds_most(node, s.source)):
-                self._on_verdict(node, verdict)
+                self.acting.on_verdict(node, verdict)
                 return
 
     def _holds_most(self, node: Node, source: str) -> bool:
@@ -481,258 +451,6 @@ class Agent:
         d = self.cfg.detect
         return {"pinned": d.pinned, "fill_hold": d.fill_hold, "trajectory": d.trajectory}[rule]
 
-    # -- decisions -------------------------------------------------------------------------
-    def refusal(self, rel: str) -> str | None:
-        """Why cgguard must not act on this cgroup, or None."""
-        if not rel:
-            return "the cgroup2 root"
-        if self._is_own_or_ancestor(rel):
-            return "cgguard's own cgroup or an ancestor of it"
-        node = self.watcher.nodes.get(rel)
-        if node is None or not node.watched:
-            return "outside the watch globs"
-        return self.cfg.refusal(rel)
-
-    def _target(self, node: Node, verdict: Verdict) -> Node:
-        if verdict.detector == "lineage" and verdict.cgroup:
-            found = self.watcher.watched_ancestor(verdict.cgroup)
-            if found is None or found.rel != verdict.cgroup and verdict.cgroup not in self.watcher.nodes:
-                # A cgroup the watcher does not know (its creation was lost with an inotify
-                # overflow): look again before acting, rather than blame its parent.
-                for n in self.watcher.rescan():
-                    self._new_cgroup(n, self.clock())
-                found = self.watcher.watched_ancestor(verdict.cgroup)
-            return found or node
-        return self.watcher.narrow(node, verdict.first_sign_ns)
-
-    def _top_watched(self, rel: str) -> str:
-        top, cur = rel, rel
-        while cur:
-            cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
-            n = self.watcher.nodes.get(cur)
-            if n is not None and n.watched:
-                top = cur
-        return top
-
-    def _allow(self, target: str, v: Verdict) -> tuple[str | None, str | None]:
-        """(exempting rule, relaxing rule) that match the verdict's origin, if any."""
-        if not self.cfg.allow or v.origin is None:
-            return None, None
-        exe = self.tracking.origin_exe(v.origin_ref) if self.tracking else None
-        comm, cmdline, via = v.origin.comm, v.origin.cmdline, ""
-        if cmdline is None or exe is None:
-            # A fire-and-forget tool's first copy exits milliseconds after its exec, often before
-            # its image was read: what it ran is then told by its nearest live copy.
-            copy = self._copy_image(v.origin_ref)
-            # A copy that runs another program (make's sh) says nothing about the origin.
-            if copy is not None and comm in (None, copy[2]):
-                pid, c_exe, c_comm, c_cmdline = copy
-                exe, comm, cmdline = exe or c_exe, comm or c_comm, cmdline or c_cmdline
-                via = f" (matched on its copy {pid}: the origin exited before its image was read)"
-        for rule in self.cfg.allow:
-            if rule.matches(target, exe, comm, cmdline):
-                what = rule.describe() + via
-                return (what, None) if rule.mode == "exempt" else (None, what)
-        return None, None
-
-    def _copy_image(
-        self, origin: Any, visits: int = 4096, reads: int = 8
-    ) -> tuple[int, str | None, str | None, str | None] | None:
-        """(pid, exe, comm, cmdline) of the shallowest live descendant of ``origin`` whose image
-        can be read. Bounded: a bomb's family is large, and a tool's early generations are all
-        gone (``visits`` records looked at, ``reads`` of them read from /proc)."""
-        if self.tracking is None or origin is None:
-            return None
-        tree = self.tracking.tree
-        level: list[Any] = [origin]
-        while level:
-            nxt = []
-            for rec in level:
-                for c in rec.children():
-                    visits -= 1
-                    if visits < 0:
-                        return None
-                    nxt.append(c)
-                    if not c.alive:
-                        continue
-                    comm, cmdline = tree.describe(c)
-                    reads -= 1
-                    if cmdline is not None:
-                        try:
-                            exe: str | None = os.readlink(f"/proc/{c.tgid}/exe")
-                        except OSError:
-                            exe = None
-                        return c.tgid, exe, comm, cmdline
-                    if reads <= 0:
-                        return None
-            level = nxt
-        return None
-
-    def _escalation(self, rel: str, now: int) -> str | None:
-        last = self._acted.get(rel)
-        if last is None or now - last[0] > ESCALATE_NS:
-            return None
-        when, action, result = last
-        if action == Action.kill_lineage.value or result in ("not-found", "failed", "timeout"):
-            return f"the runaway is back {(now - when) / MS:.0f} ms after {action}: {result}"
-        return None
-
-    def _context(self, target: Node, verdict: Verdict, tenant: str, now: int) -> policy.Context:
-        configured = self.cfg.action_for(target.rel)
-        tr = self.tracking
-        wants_lineage = configured in (Action.auto, Action.kill_lineage) and not verdict.members
-        worst = tr.whole(tr.worst_lineage(target.rel)) if wants_lineage and tr else None
-        allowed, relaxed = self._allow(target.rel, verdict if verdict.origin else (worst or verdict))
-        family = verdict if verdict.members else worst
-        kb = self.cfg.kill_budget
-        return policy.Context(
-            configured=configured,
-            refusal=self.refusal(target.rel),
-            dry_run=self.cfg.dry_run,
-            exhausted=self.kill_budgets.exhausted(tenant),
-            budget_text=f"{kb.max_actions} per {kb.per_seconds:g}s for {tenant}, {kb.node_max_actions} per node",
-            worst_lineage=worst,
-            escalate=self._escalation(target.rel, now),
-            allowed=allowed,
-            relaxed=relaxed,
-            family_is_whole=family is not None and self._only(target.rel, family),
-        )
-
-    def _only(self, rel: str, family: Verdict) -> bool:
-        """Does the cgroup hold nothing but this family? A bomb keeps forking while we look, so
-        each process is asked whether it descends from the origin (as a surgical kill would)."""
-        if self.tracking is None or family.origin_ref is None:
-            return False
-        belongs = self.tracking.member_test(family.origin_ref)
-        try:
-            inside = [p for cg in self.fs.walk(rel) for p in self.fs.procs(cg)]
-        except CgroupError:
-            return False
-        known = {pid for pid, _ in family.members or ()}
-        for pid in inside:
-            if pid in known:
-                continue
-            st = read_stat(pid)
-            if st is None:
-                continue  # exited meanwhile
-            b = belongs(pid, st) if belongs is not None else None
-            if b is True:
-                continue
-            # Not known to descend from the origin. A member forked a moment ago (its event still
-            # queued) has a member or, orphaned, init as its parent; anything else is a neighbour.
-            if b is False or not (st.ppid in known or st.ppid == 1):
-                return False
-        return True
-
-    def _on_verdict(self, node: Node, verdict: Verdict) -> None:
-        now = self.clock()
-        if self.tracking is not None:
-            verdict = self.tracking.whole(verdict)  # type: ignore[assignment]
-        target = self._target(node, verdict)
-        if target.busy or self._cooldown.get(target.rel, 0) > now:
-            return
-        if verdict.evidence == "lineage" and self._lineage_quiet.get(target.rel, 0) > now:
-            return
-        wl = self.workloads.get(target.rel)
-        tenant = tenant_key(target.rel, wl, self._top_watched(target.rel))
-        ctx = self._context(target, verdict, tenant, now)
-        d = policy.decide(verdict, ctx)
-        if d.kills:
-            self.kill_budgets.take(tenant)
-        inc = self._incident(target, d, tenant, wl)
-        # A whole-cgroup kill is written before anything else (logging fsyncs, sinks start hooks):
-        # every millisecond before cgroup.kill is a millisecond more of forks.
-        killed = self._write_kill(target) if d.action == Action.kill_cgroup else None
-        log.warning("runaway in %s (%s, %s): %s -> %s", target.rel, verdict.detector, verdict.evidence, verdict.summary(), d.action.value)
-        self.recorder.record(inc, final=False)
-        if d.result == "allowed" and ctx.allowed is None:
-            # Relaxed, not exempt: only the lineage evidence was set aside. A cooldown of the
-            # whole target would also silence the budget rules while the tool runs away.
-            self._lineage_quiet[target.rel] = now + 30_000 * MS
-        else:
-            self._cooldown[target.rel] = now + (1000 if d.acts else 30_000) * MS
-        if not d.acts:
-            inc.result = d.result or "reported"
-            self.recorder.record(inc, final=True, unremoved=d.unremoved)
-            return
-        target.busy = True
-        tr = self.tracking
-        v = d.verdict
-        job = Job(inc, target.rel, d, classify=tr.member_test(v.origin_ref) if tr else None, settle=self._settle if tr else None)
-        if killed is not None:
-            self._kill_sent(target, job, now, killed)
-        else:
-            self.worker.submit(job)
-
-    def _write_kill(self, target: Node) -> ActionResult | bool:
-        """True once cgroup.kill is written; the result instead if it could not be."""
-        try:
-            self.fs.kill(target.rel)
-            return True
-        except CgroupGone:
-            return ActionResult("kill-cgroup", "gone", 0.0, 0, target.last_tasks)
-        except CgroupError as e:
-            return ActionResult("kill-cgroup", "failed", None, None, target.last_tasks, notes=[str(e)])
-
-    def _kill_sent(self, target: Node, job: Job, now: int, written: ActionResult | bool) -> None:
-        """Wait for the kill's populated 0 through the inotify watch the watcher already has."""
-        if isinstance(written, ActionResult):
-            self._finish(job, written)
-            return
-        before = target.last_tasks
-        timeout = self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
-        self._kills[target.rel] = PendingKill(job, now, now + timeout, before)
-        if target.events_wd is None:  # no inotify watch (degraded): poll in _check_kills
-            return
-        if not self.fs.populated(target.rel):  # it emptied before the watch could tell
-            self._kills.pop(target.rel)
-            self._finish(job, ActionResult("kill-cgroup", "removed", (self.clock() - now) / MS, 0, before))
-
-    def _check_kills(self, now: int) -> None:
-        for rel, pk in list(self._kills.items()):
-            node = self.watcher.nodes.get(rel)
-            if node is not None and node.events_wd is None and not self.fs.populated(rel):
-                del self._kills[rel]
-                self._finish(pk.job, ActionResult("kill-cgroup", "removed", (now - pk.t0_ns) / MS, 0, pk.tasks_before))
-                continue
-            if now < pk.deadline_ns:
-                continue
-            if pk.attempts < KILL_ATTEMPTS:
-                pk.attempts += 1
-                pk.deadline_ns = now + self.cfg.remove_timeout_ms * MS // KILL_ATTEMPTS
-                pk.job.incident.notes.append(f"populated still 1 after attempt {pk.attempts - 1}: killing again")
-                try:
-                    self.fs.kill(rel)
-                except CgroupError:
-                    pass
-                continue
-            del self._kills[rel]
-            left = node.last_tasks if node else None
-            self._finish(pk.job, ActionResult("kill-cgroup", "timeout", (now - pk.t0_ns) / MS, left, pk.tasks_before))
-
-    def _incident(self, target: Node, d: policy.Decision, tenant: str, wl: dict[str, Any] | None) -> Incident:
-        v = d.verdict
-        tasks = v.tasks if target.rel == v.cgroup else (target.last_tasks or v.tasks)
-        return Incident(
-            cgroup=target.rel,
-            action=d.action.value,
-            reasons=[r.to_dict() for r in v.reasons],
-            tasks_at_detection=tasks,
-            detector=v.detector,
-            evidence=v.evidence,
-            budget=v.budget,
-            budget_source=v.budget_source,
-            tenant=tenant,
-            peak_tasks=max(tasks, target.history.peak if target.history else 0),
-            detect_ms=round(max(0, v.at_ns - v.first_sign_ns) / MS, 1),
-            dry_run=self.cfg.dry_run,
-            origin=v.origin.to_dict() if v.origin else None,
-            family=v.family,
-            depth=v.depth,
-            workload=wl,
-            notes=list(d.notes),
-        )
-
     def _settle(self, max_wait_s: float = 1.0) -> None:
         """Called from the action thread after a freeze: wait until the loop has read every
         proc-connector event queued before now, so the tree knows each frozen process. The cgroup
@@ -743,35 +461,6 @@ class Agent:
         deadline = time.monotonic() + max_wait_s
         while self._drained_ns < t and time.monotonic() < deadline:
             time.sleep(0.002)
-
-    def _finish(self, job: Job, res: ActionResult) -> None:
-        inc = job.incident
-        inc.action = res.action
-        inc.result = res.result
-        inc.remove_ms = round(res.remove_ms, 1) if res.remove_ms is not None else None
-        inc.survivors = res.survivors
-        if res.tasks_before is not None:
-            inc.peak_tasks = max(inc.peak_tasks or 0, res.tasks_before)
-        inc.notes = inc.notes + res.notes
-        if res.innocents is not None:
-            inc.notes.append(f"{res.innocents} innocent processes left running")
-        if res.moved is not None:
-            inc.notes.append(f"{res.moved} processes moved to quarantine")
-        log.warning("%s %s: %s in %s ms, survivors %s", inc.action, inc.cgroup, inc.result, inc.remove_ms, inc.survivors)
-        unremoved = job.decision.unremoved
-        if res.result in ("failed", "timeout"):
-            unremoved = "failed"
-        self.recorder.record(inc, final=True, unremoved=unremoved)
-        now = self.clock()
-        self._acted[job.target] = (now, res.action, res.result)
-        node = self.watcher.nodes.get(job.target)
-        if node is not None:
-            node.busy = False
-            if node.history is not None:
-                node.history.clear()
-            self.watcher.hint_active(node, now)  # watch what is left closely: a survivor regrows
-        if self.tracking is not None:
-            self.tracking.after_action(job.target)
 
     # -- control ---------------------------------------------------------------------------
     def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
