@@ -1,15 +1,15 @@
-"""The agent: kernel sources in, verdicts, decisions, actions, incidents out.
+"""The agent's loop: kernel sources in, verdicts, decisions, actions, incidents out.
 
 One thread -- the loop -- owns all state (the watcher, the lineage tree, sample histories) and
 runs a selector over the inotify fd, the proc connector and a wake-up pipe, with sampling
 deadlines as timeouts. Other threads only talk to it through queues and the wake-up pipe: the
 action worker (:mod:`.worker`), the control socket (:mod:`.control`) and readers of the status
-board (:class:`cgguard.state.status.StatusBoard`). Decisions are :func:`.policy.decide`.
+board (:class:`cgguard.state.status.StatusBoard`).
 
-A whole-cgroup kill is written from the loop the moment the verdict is final (``cgroup.kill``
-returns at once) and its end is the ``populated 0`` that the watcher's inotify watch on
-``cgroup.events`` already delivers; only surgical kills and freezes, which wait on the kernel
-in several steps, go to the worker.
+What the loop's sources bring in goes to the detectors (:mod:`.detecting`); a verdict becomes a
+decision (:mod:`.policy`), an action and an incident in :mod:`.acting`, which writes a
+whole-cgroup kill at once and waits for its end on the loop (:mod:`.kills`). Incidents go out
+through :mod:`.recording`; what a crash left behind is settled at start-up (:mod:`.recovery`).
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ import time
 from typing import Any, Iterable
 
 from cgguard.config import Config
-from cgguard.detect.cgroup import RULES, holds_most
 from cgguard.kernel.cgroupfs import CgroupFS
 from cgguard.kernel.cgroupns import adopt_cgroupns_root, own_cgroup
 from cgguard.kernel.clock import MS, S
 from cgguard.kernel.files import FileCache
 from cgguard.sinks.incidents import IncidentLog
 from cgguard.state.budget import Budgets
-from cgguard.state.lineage import within
 from cgguard.state.status import StatusBoard
 from cgguard.state.watch import Node, Watcher
 
+from . import control
 from .acting import Acting
 from .context import own_or_ancestor
 from .control import ControlServer
+from .detecting import Detection
+from .draining import ConnectorDrains
 from .host import files_within_fd_limit, profiler, protect_process, raise_thread_priority, sd_notify
 from .recording import IncidentSink, Recorder, Workloads
 from .recovery import recover
@@ -45,12 +46,6 @@ from .tracking import Tracking, TrackingUnavailable
 from .worker import ActionWorker
 
 log = logging.getLogger("cgguard.agent")
-PROCCONN_COALESCE_NS = 2 * MS
-# Between drains while nothing starts in the watched cgroups and none abandons: see _drain().
-PROCCONN_CALM_COALESCE_NS = 10 * MS
-# How long the 2 ms coalescing holds after a watched cgroup became populated or started forking:
-# long enough for a bomb's first abandonments (a few ms for a shell bomb), which then keep it.
-PROCCONN_FAST_HOLD_NS = 250 * MS
 LOOP_TICK_NS = 200 * MS
 SAMPLES_PER_TURN = 64
 LOOP_GIL_WAIT_S = 0.001
@@ -87,7 +82,10 @@ class Agent:
         self.use_connector = cfg.tracking.connector if use_connector is None else use_connector
         self.tracking: Tracking | None = None
         self.tracking_note = "off"
-        self._acting: Acting | None = None  # needs the tracking that setup() starts (or fails to)
+        # These need the tracking that setup() starts (or fails to): made there.
+        self._drains: ConnectorDrains | None = None  # only with tracking
+        self._acting: Acting | None = None
+        self._detection: Detection | None = None
         self.ready = False
         self.loop_errors = 0
         self._errors_logged: dict[str, float] = {}
@@ -104,11 +102,6 @@ class Agent:
         self.control: ControlServer | None = None
         self._adopt_at: dict[str, int] = {}
         self._next_age_ns = 0
-        self._drained_ns = 0
-        self._pc_last_ns = 0
-        self._pc_hot = False  # the last drain read events: drain again on the coalescing clock
-        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
-        self._pc_fast_until_ns = 0
         self._woken = False  # the wake-up pipe fired: look at the worker's and control's queues
 
     @property
@@ -116,6 +109,12 @@ class Agent:
         if self._acting is None:
             raise RuntimeError("Agent.setup() has not run")
         return self._acting
+
+    @property
+    def detection(self) -> Detection:
+        if self._detection is None:
+            raise RuntimeError("Agent.setup() has not run")
+        return self._detection
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,20 +135,13 @@ class Agent:
             log.warning(msg)
             self.notes.append(msg)
         if self.use_connector:
-            try:
-                self.tracking = Tracking(self.cfg, self.fs, in_scope=self._in_scope, watched=self._watched_paths)
-                self.tracking.load(self._watched_paths())
-                self.tracking_note = self.tracking.mode
-                self.watcher.backoff = True
-            except TrackingUnavailable as e:
-                self.tracking = None
-                self.tracking_note = f"unavailable: {e}"
-                log.warning("process tracking unavailable, sampling only: %s", e)
+            self._start_tracking()
         self._acting = Acting(
             self.cfg, self.fs, self.watcher, self.tracking,
             own_cgroup=self.own_cgroup, worker=self.worker, recorder=self.recorder, workloads=self.workloads,
-            clock=self.clock, new_cgroup=self._new_cgroup, settle=self._settle,
+            clock=self.clock, new_cgroup=self._new_cgroup, settle=self._drains.settle if self._drains else None,
         )
+        self._detection = Detection(self.cfg, self.watcher, self.tracking, adopt=self._adopt, on_verdict=self._acting.on_verdict)
         now = self.clock()
         for rel in reeval:
             node = self.watcher.watched_ancestor(rel)
@@ -166,6 +158,18 @@ class Agent:
             "watching %d cgroups under %s (tracking: %s%s)",
             len(self.watcher.watched()), self.fs.root, self.tracking_note, ", dry run" if self.cfg.dry_run else "",
         )
+
+    def _start_tracking(self) -> None:
+        try:
+            self.tracking = Tracking(self.cfg, self.fs, in_scope=self._in_scope, watched=self._watched_paths)
+            self.tracking.load(self._watched_paths())
+            self.tracking_note = self.tracking.mode
+            self.watcher.backoff = True
+            self._drains = ConnectorDrains(self.tracking, self.watcher, self.clock, self.wake)
+        except TrackingUnavailable as e:
+            self.tracking = None
+            self.tracking_note = f"unavailable: {e}"
+            log.warning("process tracking unavailable, sampling only: %s", e)
 
     def _fit_files_to_fd_limit(self) -> None:
         fit = files_within_fd_limit(self.files.max_open)
@@ -230,11 +234,12 @@ class Agent:
         due = self.watcher.next_due_ns()
         timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
         timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
-        if self._pc_hot:
-            drain_ns = self._pc_last_ns + self._pc_coalesce_ns - now
+        drains = self._drains
+        if drains is not None and drains.hot:
+            drain_ns = drains.deadline_ns - now
             for key, _ in hot.select(max(0, min(timeout_ns, drain_ns)) / 1e9):
                 key.data()
-            if self._pc_hot and self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
+            if drains.hot and self.clock() >= drains.deadline_ns:
                 self._drain()
         else:
             for key, _ in sel.select(timeout_ns / 1e9):
@@ -260,11 +265,12 @@ class Agent:
         # Calm cgroups fall due together on their shared grid (thousands at once on a big node):
         # a bounded batch per turn, so the proc connector is drained between batches and a
         # bomb's fork events are not held up behind a thousand calm samples.
+        acting, detection = self.acting, self.detection
         for node in self.watcher.due(now, SAMPLES_PER_TURN):
-            self._sample_and_check(node, now)
+            detection.sample(node, now)
         for node in self.watcher.maybe_rescan_degraded(now):
             self._new_cgroup(node, now)
-        self.acting.kills.check(now)
+        acting.kills.check(now)
         if now >= self._next_age_ns:
             if self.tracking is not None:
                 self.tracking.age(now)
@@ -276,7 +282,7 @@ class Agent:
             # queues need no look (two lock round trips) on every other turn of the loop.
             self._woken = False
             for job, res in self.worker.results():
-                self.acting.finish(job, res)
+                acting.finish(job, res)
             if self.control is not None:
                 self.control.serve_pending(self.handle_control)
         if self.board.wanted:
@@ -326,10 +332,11 @@ class Agent:
                 continue
             if kind == "added" or (kind == "events" and node.populated):
                 # Something starts in a watched cgroup: its first forks are drained on the 2 ms clock.
-                self._fast_drains(now)
+                if self._drains is not None:
+                    self._drains.fast(now)
             if kind == "pids.events":
                 self.watcher.hint_active(node, now)
-                self._sample_and_check(node, now)
+                self.detection.sample(node, now)
             elif kind == "added":
                 self._new_cgroup(node, now)
             elif kind == "events":
@@ -340,10 +347,6 @@ class Agent:
                     # a verdict later, its watched parents) from its first tasks on, and track
                     # processes a runtime moved in after their fork.
                     self._new_cgroup(node, now)
-
-    def _fast_drains(self, now: int) -> None:
-        self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
-        self._pc_coalesce_ns = PROCCONN_COALESCE_NS
 
     def _new_cgroup(self, node: Node, now: int) -> None:
         n: Node | None = node
@@ -362,137 +365,33 @@ class Agent:
         self.tracking.adopt(node.rel)
 
     def _on_procconn(self) -> None:
-        assert self.tracking is not None
-        # Coalesce: under steady fork load the socket turns readable for every event, and a
-        # wake-up per event costs more than the event. Drains are at least the coalescing delay
-        # apart (2 ms: a bomb doubling every ~10 ms is seen 2 ms later at most); one due later
-        # is left to the loop, which waits for its deadline without blocking inotify (run()).
-        if self.clock() >= self._pc_last_ns + self._pc_coalesce_ns:
+        drains = self._drains
+        assert drains is not None
+        # Coalesce (see .draining): a drain due later is left to the loop, which waits for its
+        # deadline without blocking inotify (run()).
+        if drains.due(self.clock()):
             self._drain()
         else:
-            self._pc_hot = True
+            drains.hot = True
 
     def _drain(self) -> None:
-        tr = self.tracking
-        assert tr is not None
-        t = self._pc_last_ns = self.clock()
-        stats = tr.conn.stats
-        before = stats.received + stats.lost_enobufs
-        touched, empty = tr.drain()
-        if empty:
-            self._drained_ns = t
-        # Events came: more are likely, so the loop drains again at the next coalescing
-        # deadline instead of waking for the next datagram (see run()).
-        self._pc_hot = stats.received + stats.lost_enobufs != before
-        now = self.clock()
-        horizon = now - tr.params.window_ms * MS
-        watcher = self.watcher
-        nodes: dict[str, Node] = {}
-        for cg in touched:
-            node = watcher.watched_ancestor(cg)
-            if node is not None:
-                nodes[node.rel] = node
-                if node.active_until_ns <= now:  # a calm watched cgroup forks: something starts
-                    self._pc_fast_until_ns = now + PROCCONN_FAST_HOLD_NS
-                watcher.hint_active(node, now)
-        # The 2 ms coalescing is for the lineage detector, which decides on abandoning families
-        # a few generations deep. It holds for 250 ms after a watched cgroup became populated
-        # (inotify) or a calm one started forking, and while a cgroup that forks shows
-        # abandonment within the window. Otherwise -- steady builds, xargs, fork loops, and every
-        # process outside the watch -- the loop drains every 10 ms: the cost of a drain is mostly
-        # the wake-up itself. What can be later than before: the first fork events of something
-        # starting in an already populated, calm watched cgroup while other traffic keeps the loop
-        # on the 10 ms clock (at most 10 ms).
-        fast = now < self._pc_fast_until_ns or (touched and tr.tree.abandoned_recently(touched, horizon))
-        self._pc_coalesce_ns = PROCCONN_COALESCE_NS if fast else PROCCONN_CALM_COALESCE_NS
-        if not nodes:
-            return
-        # No abandonment anywhere within the window: no cgroup can qualify (what qualifies()
-        # would find, without a pass over the tree's cgroups per touched cgroup).
-        if tr.tree.last_abandon_ns < horizon:
-            return
-        for node in nodes.values():
-            if not node.busy and not node.frozen and tr.qualifies(node.rel, now):
-                verdict = tr.evaluate(node.rel, now)
-                if verdict is not None:
-                    self.acting.on_verdict(node, verdict)
+        assert self._drains is not None
+        nodes, now, horizon = self._drains.drain()
+        if nodes:
+            self.detection.lineage(nodes, now, horizon)
 
-    # -- detection -------------------------------------------------------------------------
-    def _sample_and_check(self, node: Node, now: int) -> None:
-        if node.busy or not node.watched or node.history is None:
-            return
-        tr = self.tracking
-        s = self.watcher.sample(node, now, births=tr.births if tr else None)
-        if tr is not None and s.tasks > tr.tasks(node.rel) + max(4, s.tasks // 10):
-            # More tasks than the tree knows: processes moved in after their fork, or missed.
-            self._adopt(node, now)
-        if node.frozen:
-            return  # frozen (for lack of budget, or by an operator): it cannot grow; nothing to judge
-        for rule in RULES:
-            verdict = rule(node.rel, node.history, now, self._params(rule.__name__))
-            if verdict is not None and (verdict.evidence != "budget" or self._holds_most(node, s.source)):
-                self.acting.on_verdict(node, verdict)
-                return
-
-    def _holds_most(self, node: Node, source: str) -> bool:
-        """Among the watched cgroups charged to the same kernel limit (a pod's containers), is this
-        the one holding the most of it? Nested cgroups are left to narrowing."""
-        if source == "default":
-            return True
-        peers = []
-        for other in self.watcher.watched():
-            if other is node or other.budget is None or within(other.rel, node.rel) or within(node.rel, other.rel):
-                continue
-            if any(g.name == source for g in other.budget.groups):
-                peers.append(other.last_tasks)
-        return holds_most(node.last_tasks, peers)
-
-    def _params(self, rule: str) -> Any:
-        d = self.cfg.detect
-        return {"pinned": d.pinned, "fill_hold": d.fill_hold, "trajectory": d.trajectory}[rule]
-
-    def _settle(self, max_wait_s: float = 1.0) -> None:
-        """Called from the action thread after a freeze: wait until the loop has read every
-        proc-connector event queued before now, so the tree knows each frozen process. The cgroup
-        is frozen meanwhile, so waiting costs the bomb nothing; it normally ends within a loop
-        turn, and a loaded (or emulated) host needs longer than a few hundred ms."""
-        t = self.clock()
-        self.wake()
-        deadline = time.monotonic() + max_wait_s
-        while self._drained_ns < t and time.monotonic() < deadline:
-            time.sleep(0.002)
-
-    # -- control ---------------------------------------------------------------------------
+    # -- control and status ----------------------------------------------------------------
     def handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            return {"ok": True, "status": status_dict(build_status(self))}
-        if cmd == "tree":
-            if self.tracking is None:
-                return {"ok": False, "error": f"process tracking is {self.tracking_note}"}
-            return {"ok": True, "tree": self.tracking.tree_json(str(req.get("cgroup") or ""))}
-        if cmd == "tracking":
-            value = req.get("value")
-            if value not in ("enable", "disable"):
-                return {"ok": False, "error": "tracking takes 'enable' or 'disable'"}
-            if self.tracking is None:
-                return {"ok": False, "error": f"process tracking is {self.tracking_note}"}
-            self.tracking.set_enabled(value == "enable")
-            return {"ok": True, "tracking": value + "d"}
-        if cmd == "reset-interval":
-            try:
-                ms = int(req.get("value"))  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                return {"ok": False, "error": "reset-interval takes milliseconds (an integer)"}
-            if not 100 <= ms <= 2**32 - 1:
-                return {"ok": False, "error": "reset-interval must be between 100 and 4294967295 ms"}
-            if self.tracking is None:
-                return {"ok": False, "error": f"process tracking is {self.tracking_note}"}
-            self.tracking.set_reset_interval(ms)
-            self._next_age_ns = self.clock() + ms * MS
-            return {"ok": True, "reset_interval_ms": ms}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return control.answer(
+            req,
+            status=lambda: status_dict(build_status(self)),
+            tracking=self.tracking,
+            tracking_note=self.tracking_note,
+            reset_interval_set=self._reset_interval_set,
+        )
 
-    # -- status ----------------------------------------------------------------------------
+    def _reset_interval_set(self, ms: int) -> None:
+        self._next_age_ns = self.clock() + ms * MS
+
     def _publish_status(self) -> None:
         self.board.publish(build_status(self), time.monotonic())
