@@ -2,8 +2,8 @@
 
 A client that connects and then stalls must never delay a decision, so accepting and reading
 happen here, and only the parsed request crosses to the loop, which owns the state. The loop
-answers between two events (:meth:`ControlServer.serve_pending`); the client waits, the loop
-does not.
+answers between two events (:meth:`ControlServer.serve_pending`, with :func:`answer`); the
+client waits, the loop does not.
 
 The socket is root-only twice over: mode 0600, and the peer's uid from SO_PEERCRED. Its path is
 handled as root handles paths a user may influence: an existing path is replaced only if it is
@@ -21,7 +21,10 @@ import socket
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .tracking import Tracking
 
 log = logging.getLogger("cgguard.control")
 
@@ -184,3 +187,43 @@ class ControlServer:
         except OSError:
             pass
         self._thread.join(timeout=2)
+
+
+def answer(
+    req: dict[str, Any],
+    *,
+    status: Callable[[], dict[str, Any]],
+    tracking: "Tracking | None",
+    tracking_note: str,
+    reset_interval_set: Callable[[int], None],
+) -> dict[str, Any]:
+    """The reply to one request, made on the loop's thread (it reads and sets the loop's state).
+    ``reset_interval_set(ms)`` is told a new reset interval once tracking has it."""
+    cmd = req.get("cmd")
+    if cmd == "status":
+        return {"ok": True, "status": status()}
+    if cmd == "tree":
+        if tracking is None:
+            return {"ok": False, "error": f"process tracking is {tracking_note}"}
+        return {"ok": True, "tree": tracking.tree_json(str(req.get("cgroup") or ""))}
+    if cmd == "tracking":
+        value = req.get("value")
+        if value not in ("enable", "disable"):
+            return {"ok": False, "error": "tracking takes 'enable' or 'disable'"}
+        if tracking is None:
+            return {"ok": False, "error": f"process tracking is {tracking_note}"}
+        tracking.set_enabled(value == "enable")
+        return {"ok": True, "tracking": value + "d"}
+    if cmd == "reset-interval":
+        try:
+            ms = int(req.get("value"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return {"ok": False, "error": "reset-interval takes milliseconds (an integer)"}
+        if not 100 <= ms <= 2**32 - 1:
+            return {"ok": False, "error": "reset-interval must be between 100 and 4294967295 ms"}
+        if tracking is None:
+            return {"ok": False, "error": f"process tracking is {tracking_note}"}
+        tracking.set_reset_interval(ms)
+        reset_interval_set(ms)
+        return {"ok": True, "reset_interval_ms": ms}
+    return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -7,8 +7,12 @@ import logging
 import os
 import resource
 import socket
+from typing import Any
 
 log = logging.getLogger("cgguard.agent")
+# Descriptors the rest of the agent may hold at once (sockets and their connections, pipes, the
+# incident log, /proc reads, a kill's inotify, hooks): kept-open cgroupfs files never take these.
+FD_RESERVE = 64
 
 
 def raise_thread_priority(realtime: bool = True) -> list[str]:
@@ -50,6 +54,35 @@ def protect_process() -> list[str]:
     except (OSError, ValueError) as e:
         notes.append(f"RLIMIT_NOFILE: {e}")
     return notes
+
+
+def files_within_fd_limit(max_open: int) -> tuple[int, str] | None:
+    """Kept-open files get at most half of what RLIMIT_NOFILE leaves beyond FD_RESERVE. A cache
+    that filled the fd table (the file cache only shrinks when its own open fails) would make
+    every other open fail with EMFILE: the status, a budget's pids.max, the incident log.
+    Returns (the lower bound, a note for the operator) if ``max_open`` must shrink, else None."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    fit = max(0, (soft - FD_RESERVE) // 2)
+    if fit >= max_open:
+        return None
+    return fit, (
+        f"RLIMIT_NOFILE is {soft}: keeping at most {fit} cgroupfs files open "
+        f"(sampling.max_open_files {max_open}); the rest are opened per read"
+    )
+
+
+def profiler() -> Any:
+    """CGGUARD_PROFILE=FILE: profile the loop thread with cProfile, written to FILE at exit (for
+    ``cgguard bench``'s cost runs and by hand; the profiler slows the loop, so never in production)."""
+    if not os.environ.get("CGGUARD_PROFILE"):
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
 
 
 def sd_notify(msg: str) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from cgguard.config import Action
 from cgguard.detect import Verdict
@@ -80,6 +80,21 @@ class Budgets:
     def take(self, key: str) -> None:
         self.tenant(key).take()
         self.node.take()
+
+
+def tenant_key(rel: str, wl: dict[str, Any] | None, top: str) -> str:
+    """Whose kill budget an action on ``rel`` spends: a pod, a user, a container or unit, else the
+    delegated tree it sits in (the highest watched cgroup above it), so that a tenant who can
+    create cgroups cannot multiply its budget by making many."""
+    wl = wl or {}
+    kind = wl.get("kind")
+    if kind == "pod" and wl.get("pod_uid"):
+        return f"pod:{wl['pod_uid']}"
+    if kind in ("session", "user-service") and wl.get("uid") is not None:
+        return f"uid:{wl['uid']}"
+    if kind in ("container", "machine", "service", "scope", "unit") and wl.get("base"):
+        return f"{kind}:{wl['base']}"
+    return f"cgroup:{top}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,13 +80,14 @@ def own_usage() -> tuple[float, int] | None:
 def build_status(agent: "Agent", *, workloads: bool = True) -> Status:
     now = agent.clock()
     nodes = sorted(agent.watcher.watched(), key=lambda n: n.rel)
-    cgroups = [cgroup_status(n, now, agent.workload(n.rel) if workloads else None) for n in nodes]
+    cgroups = [cgroup_status(n, now, agent.workloads.get(n.rel) if workloads else None) for n in nodes]
     by_state: dict[str, int] = {}
     for c in cgroups:
         by_state[c.state] = by_state.get(c.state, 0) + 1
     usage = own_usage()
     cpu, rss = usage if usage is not None else (None, None)
     tr = agent.tracking
+    rec = agent.recorder
     return Status(
         ready=agent.ready,
         dry_run=agent.cfg.dry_run,
@@ -100,17 +101,17 @@ def build_status(agent: "Agent", *, workloads: bool = True) -> Status:
         connector=tr.connector_status() if tr else ConnectorStatus(mode=agent.tracking_note),
         tracking=tr.status() if tr else TrackingStatus(),
         incidents=IncidentsStatus(
-            since_start=agent.incidents_since_start,
-            recorded=agent.incidents_recorded,
-            log=agent.log.path,
-            not_removed=dict(agent.not_removed),
+            since_start=rec.since_start,
+            recorded=rec.recorded,
+            log=rec.log.path,
+            not_removed=dict(rec.not_removed),
         ),
         cpu_seconds=cpu,
         rss_bytes=rss,
         pid=agent.pid,
         samples_taken=agent.watcher.samples_taken,
         inotify_overflows=agent.watcher.overflows,
-        sinks={s.name: s.stats() for s in agent.sinks if hasattr(s, "stats") and hasattr(s, "name")},
+        sinks={s.name: s.stats() for s in rec.sinks if hasattr(s, "stats") and hasattr(s, "name")},
         notes=list(agent.notes) + degraded_notes(agent),
     )
 

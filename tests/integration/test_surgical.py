@@ -143,7 +143,7 @@ def test_cgroup_level_verdict_in_shared_cgroup_removes_the_lineage_only(tmp_path
         orig = agent._tick
 
         def inject(now_ns):
-            agent._on_verdict(node, fake)
+            agent.acting.on_verdict(node, fake)
             agent._tick = orig
             done.set()
             orig(now_ns)

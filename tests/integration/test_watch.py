@@ -115,12 +115,12 @@ def test_agent_forgets_state_of_vanished_cgroups(cgfs, sandbox, tmp_path):
     try:
         cg = sandbox.cgroup("short")
         assert pump(agent.watcher, lambda: cg in agent.watcher.nodes) is not None
-        agent._cooldown[cg] = 1
+        agent.acting._cooldown[cg] = 1
         agent._adopt_at[cg] = 1
-        agent.workload(cg)
+        agent.workloads.get(cg)
         os.rmdir(cgfs.abspath(cg))
         assert pump(agent.watcher, lambda: cg not in agent.watcher.nodes) is not None
-        assert cg not in agent._cooldown and cg not in agent._adopt_at and cg not in agent._workloads
+        assert cg not in agent.acting._cooldown and cg not in agent._adopt_at and cg not in agent.workloads._cache
     finally:
         agent.close()
 

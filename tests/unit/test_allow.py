@@ -1,5 +1,5 @@
 """Allow rules: the config an operator writes (``allow:``), what ``check-config`` says about it,
-and how the agent matches a verdict's origin against it (``Agent._allow``), including a tool
+and how the agent matches a verdict's origin against it (``ContextBuilder._allow``), including a tool
 whose first copy exited before its image was read (simulated tree, tests/lineage_sim.py).
 End to end with real processes: tests/integration/test_operating.py."""
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from lineage_sim import MS, Sim
 
-from cgguard.agent.core import Agent
+from cgguard.agent.context import ContextBuilder
 from cgguard.config import AllowRule, Config, ConfigError, LineageDetect
 from cgguard.configfile import load
 from cgguard.detect import Origin, Verdict
@@ -94,10 +94,10 @@ allow:
 
 # -- the agent's match ---------------------------------------------------------------------------
 class _Agent:
-    """Just what ``Agent._allow`` reads: the config and the lineage tree."""
+    """Just what ``ContextBuilder._allow`` reads: the config and the lineage tree."""
 
-    _allow = Agent._allow
-    _copy_image = Agent._copy_image
+    _allow = ContextBuilder._allow
+    _copy_image = ContextBuilder._copy_image
 
     def __init__(self, sim: Sim | None, *rules: dict[str, Any]):
         self.cfg = Config(allow=[AllowRule(**r) for r in rules])
