@@ -15,6 +15,7 @@ Everything here tolerates the cgroup vanishing underneath: that is success, not 
 
 from cgguard.act.cgroup import (
     QUARANTINE_PREFIX,
+    SWEEP_AFTER_S,
     ActionResult,
     count_tasks,
     freeze,
@@ -26,6 +27,7 @@ from cgguard.act.surgical import Classify, bomb_members, kill_lineage
 
 __all__ = [
     "QUARANTINE_PREFIX",
+    "SWEEP_AFTER_S",
     "ActionResult",
     "Classify",
     "bomb_members",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from cgguard.act import ActionResult
+from cgguard.act import SWEEP_AFTER_S, ActionResult, kill_exited_leaders
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS, CgroupGone
 from cgguard.kernel.clock import MS
 from cgguard.state.watch import Node, Watcher
@@ -26,6 +26,7 @@ class PendingKill:
     deadline_ns: int
     tasks_before: int
     attempts: int = 1
+    swept: bool = False  # thread groups whose main thread exited were killed by pid
 
 
 class InlineKills:
@@ -83,6 +84,9 @@ class InlineKills:
                 del self._pending[rel]
                 self._finish(pk.job, ActionResult("kill-cgroup", "removed", (now - pk.t0_ns) / MS, 0, pk.tasks_before))
                 continue
+            if not pk.swept and now - pk.t0_ns >= SWEEP_AFTER_S * 1e9:
+                pk.swept = True
+                self._sweep(rel, pk)
             if now < pk.deadline_ns:
                 continue
             if pk.attempts < KILL_ATTEMPTS:
@@ -93,7 +97,15 @@ class InlineKills:
                     self.fs.kill(rel)
                 except CgroupError:
                     pass
+                self._sweep(rel, pk)
                 continue
             del self._pending[rel]
             left = node.last_tasks if node else None
             self._finish(pk.job, ActionResult("kill-cgroup", "timeout", (now - pk.t0_ns) / MS, left, pk.tasks_before))
+
+    def _sweep(self, rel: str, pk: PendingKill) -> None:
+        """cgroup.kill cannot stop a thread group whose main thread already exited: kill those by
+        pid (see act.kill_exited_leaders). Only for a kill still waiting, so normally never."""
+        n = kill_exited_leaders(self.fs, rel)
+        if n:
+            pk.job.incident.notes.append(f"{n} thread groups whose main thread had exited killed by pid")

@@ -211,16 +211,26 @@ def compile_c(source: str, name: str, workdir: str | None = None) -> str:
 LEADERLESS_SRC = r"""
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
-/* argv[1] threads that sleep argv[2] seconds, then the main thread exits alone (pthread_exit):
-   the thread group lives on behind a zombie leader, which /proc and cgroup.kill treat apart.
-   Bounded: the threads end at their deadline. */
-static int secs;
-static void *sleeper(void *a) { (void)a; sleep(secs); return 0; }
+/* leaderless N SECS [grow]: N threads that sleep out SECS seconds, then the main thread exits
+   alone (pthread_exit): the thread group lives on behind a zombie leader, which /proc and
+   cgroup.kill treat apart. With "grow", a spawner thread keeps adding threads (retrying when the
+   kernel refuses) until the deadline: a thread bomb without a main thread. Bounded: everything
+   ends at the deadline, and a kernel limit holds the count. */
+static time_t deadline;
+static void *sleeper(void *a) { (void)a; while (time(0) < deadline) sleep(1); return 0; }
+static void *spawner(void *a) {
+    (void)a;
+    while (time(0) < deadline) { pthread_t t; if (pthread_create(&t, 0, sleeper, 0)) usleep(2000); }
+    return 0;
+}
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 8;
-    secs = argc > 2 ? atoi(argv[2]) : 30;
-    for (int i = 0; i < n; i++) { pthread_t t; if (pthread_create(&t, 0, sleeper, 0)) break; }
+    deadline = time(0) + (argc > 2 ? atoi(argv[2]) : 30);
+    pthread_attr_t attr; pthread_attr_init(&attr); pthread_attr_setstacksize(&attr, 65536);
+    for (int i = 0; i < n; i++) { pthread_t t; if (pthread_create(&t, &attr, sleeper, 0)) break; }
+    if (argc > 3) { pthread_t t; pthread_create(&t, &attr, spawner, 0); }
     pthread_exit(0);
 }
 """

@@ -131,3 +131,23 @@ def test_agent_ignores_cgroup_vanishing_mid_run(sandbox, agent_factory):
     agent.caught_up()
     assert agent.proc.poll() is None
     assert agent.incidents() == []
+
+
+def test_a_thread_bomb_whose_main_thread_exited_is_removed(sandbox, agent_factory, tmp_path):
+    """Its zombie leader ignores cgroup.kill's SIGKILL and /proc shows it in the v1 root: the agent
+    must still find its budget and end it with populated 0, not a timeout."""
+    import shutil
+
+    from cgguard.testkit.corpus import leaderless_binary
+
+    if shutil.which("gcc") is None:
+        print("no gcc: cannot build the leaderless thread bomb")
+        pytest.skip("no gcc: cannot build the leaderless thread bomb")
+    prog = leaderless_binary(str(tmp_path))
+    cg = sandbox.cgroup("leaderless")
+    agent = agent_factory([f"{sandbox.name}/**"])
+    bomb = sandbox.spawn([prog, "4", "30", "grow"], cg, deadline_s=30, cap=256)
+    inc = agent.wait_incident(cg, timeout=60)
+    assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+    assert wait_until(lambda: not sandbox.fs.populated(cg)), "threads left running"
+    assert wait_until(lambda: sandbox.live_pids(bomb) == []), sandbox.live_pids(bomb)
