@@ -36,7 +36,7 @@ from cgguard.kernel.files import FileCache
 from cgguard.kernel.procfs import read_stat
 from cgguard.sinks.incidents import Incident, IncidentLog, IncidentLogError
 from cgguard.state.budget import Budgets
-from cgguard.state.lineage import within
+from cgguard.state.lineage_walk import within
 from cgguard.state.status import StatusBoard
 from cgguard.state.watch import Node, Watcher
 

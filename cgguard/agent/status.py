@@ -12,14 +12,9 @@ import resource
 from typing import TYPE_CHECKING, Any, Callable
 
 from cgguard.kernel.clock import MS
-from cgguard.state.lineage import (
-    FORGOTTEN,
-    LineageTree,
-    Record,
-    oom_badness,
-    postorder,
-    seed_scores,
-)
+from cgguard.state.lineage import LineageTree
+from cgguard.state.lineage_record import FORGOTTEN, Record
+from cgguard.state.lineage_walk import oom_badness, postorder, seed_scores
 from cgguard.state.status import (
     CgroupStatus,
     ConnectorStatus,
