@@ -22,7 +22,8 @@ from cgguard.state.status import (
     Status,
     TrackingStatus,
 )
-from cgguard.state.watch import PRESSURE_FAST, Node
+from cgguard.state.watch import PRESSURE_FAST
+from cgguard.state.watch_tree import Node
 
 if TYPE_CHECKING:
     from .core import Agent
