@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from cgguard.kernel.procfs import ProcStat
 from cgguard.state import lineage_scan
-from cgguard.state.lineage import FREED, LineageTree
+from cgguard.state.lineage import LineageTree
+from cgguard.state.lineage_record import FREED
 
 MS = 1_000_000
 S = 1_000_000_000

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 from cgguard.config import Config
 from cgguard.detect import Verdict
 from cgguard.detect.cgroup import RULES, holds_most
-from cgguard.state.lineage import within
+from cgguard.state.lineage_walk import within
 from cgguard.state.watch import Node, Watcher
 
 from .tracking import Tracking

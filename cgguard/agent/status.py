@@ -12,14 +12,9 @@ import resource
 from typing import TYPE_CHECKING, Any, Callable
 
 from cgguard.kernel.clock import MS
-from cgguard.state.lineage import (
-    FORGOTTEN,
-    LineageTree,
-    Record,
-    oom_badness,
-    postorder,
-    seed_scores,
-)
+from cgguard.state.lineage import LineageTree
+from cgguard.state.lineage_record import FORGOTTEN, Record
+from cgguard.state.lineage_walk import oom_badness, postorder, seed_scores
 from cgguard.state.status import (
     CgroupStatus,
     ConnectorStatus,
@@ -27,7 +22,8 @@ from cgguard.state.status import (
     Status,
     TrackingStatus,
 )
-from cgguard.state.watch import PRESSURE_FAST, Node
+from cgguard.state.watch import PRESSURE_FAST
+from cgguard.state.watch_tree import Node
 
 if TYPE_CHECKING:
     from .core import Agent

@@ -20,7 +20,7 @@ from cgguard.kernel import procconn
 from cgguard.kernel.cgroupfs import CgroupFS
 from cgguard.kernel.clock import MS
 from cgguard.kernel.procfs import ProcStat
-from cgguard.state import lineage, lineage_scan
+from cgguard.state import lineage, lineage_scan, lineage_walk
 from cgguard.state.status import ConnectorStatus, TrackingStatus
 
 
@@ -112,7 +112,7 @@ class Tracking:
 
     def origin_exe(self, origin: Any) -> str | None:
         """The executable of a verdict's origin, or of a live clone of it, for allow rules."""
-        for r in lineage.walk(origin, lambda c: c.exec_ns is None) if origin is not None else ():
+        for r in lineage_walk.walk(origin, lambda c: c.exec_ns is None) if origin is not None else ():
             if r.alive:
                 try:
                     return os.readlink(f"/proc/{r.tgid}/exe")
@@ -139,7 +139,7 @@ class Tracking:
             rec = tree.get(pid)
             if rec is None or abs(rec.start_ns - st.start_ns) > tol:
                 return None
-            return lineage.descends_from(rec, origin_ref)
+            return lineage_walk.descends_from(rec, origin_ref)
 
         return classify
 

@@ -38,7 +38,9 @@ from cgguard.config import LineageDetect
 from cgguard.detect import Origin, Reason, Verdict
 from cgguard.kernel.clock import MS
 from cgguard.kernel.procfs import TICK_NS
-from cgguard.state.lineage import FREED, FROM_PROC, LineageTree, Record, seed_scores, walk, within
+from cgguard.state.lineage import LineageTree
+from cgguard.state.lineage_record import FREED, FROM_PROC, Record
+from cgguard.state.lineage_walk import seed_scores, walk, within
 
 DETECTOR = "lineage"
 

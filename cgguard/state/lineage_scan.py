@@ -14,7 +14,10 @@ from typing import Iterable
 from cgguard.kernel import procfs
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
 from cgguard.kernel.procfs import ProcStat
-from cgguard.state.lineage import FREED, IDENTITY_TOLERANCE_NS, LineageTree, within
+from cgguard.state.lineage import LineageTree
+from cgguard.state.lineage_proc import from_stat
+from cgguard.state.lineage_record import FREED, IDENTITY_TOLERANCE_NS
+from cgguard.state.lineage_walk import within
 
 
 def scan(tree: LineageTree, fs: CgroupFS, cgroups: Iterable[str]) -> tuple[dict[int, tuple[ProcStat, str]], set[str]]:
@@ -72,7 +75,7 @@ def _sync(tree: LineageTree, fs: CgroupFS, tops: list[str], mark_gone: bool) -> 
         if st.pid in tree._live or not tree.in_scope(cg):
             continue
         tree._neg.pop(st.pid, None)
-        tree.from_stat(st, cg)
+        from_stat(tree, st, cg)
         added += 1
     return added
 

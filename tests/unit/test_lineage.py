@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from cgguard.agent.status import tree_json
-from cgguard.state.lineage import FORGOTTEN, FREED, RESIGHT_EVERY, descends_from, nr_processes, read_vmstat
+from cgguard.state.lineage_aging import nr_processes, read_vmstat
+from cgguard.state.lineage_proc import RESIGHT_EVERY
+from cgguard.state.lineage_record import FORGOTTEN, FREED
+from cgguard.state.lineage_walk import descends_from
 from lineage_sim import MS, S, FakeProcess, Sim, consistent
 
 

@@ -8,7 +8,7 @@ from lineage_sim import MS, Sim
 from cgguard.agent.status import own_usage
 from cgguard.config import LineageDetect
 from cgguard.detect.lineage import qualifies
-from cgguard.state.lineage import within
+from cgguard.state.lineage_walk import within
 
 
 def brute_cgstats(tree, cgroup, subtree=True):
