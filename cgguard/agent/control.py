@@ -146,16 +146,18 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(READ_TIMEOUT_S)
-        # The file is 0600 already; this also holds if someone loosens its mode.
-        if peer_uid(conn) != 0:
-            conn.sendall(b'{"ok": false, "error": "only root may use the control socket"}\n')
-            return
+        # Read the (bounded) request before any answer, a refusal included: closing on a client
+        # that is still sending would hand it EPIPE instead of the reason.
         data = b""
         while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
             chunk = conn.recv(4096)
             if not chunk:
                 break
             data += chunk
+        # The file is 0600 already; this also holds if someone loosens its mode.
+        if peer_uid(conn) != 0:
+            conn.sendall(b'{"ok": false, "error": "only root may use the control socket"}\n')
+            return
         try:
             req = json.loads(data or b"{}")
             if not isinstance(req, dict):
