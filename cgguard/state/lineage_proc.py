@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cgguard.kernel import procfs
+from cgguard.kernel.cmdline_reader import CmdlineReader
 from cgguard.kernel.procfs import ProcStat
 from cgguard.state.lineage_record import FREED, FROM_PROC, IDENTITY_TOLERANCE_NS, IMAGE_QUEUED, STALE, Record
 from cgguard.state.lineage_walk import walk
@@ -37,8 +38,14 @@ class ProcFS:
     def stat(self, pid: int) -> ProcStat | None:
         return procfs.read_stat(pid)
 
+    def __init__(self) -> None:
+        self._cmdlines: CmdlineReader | None = None
+
     def cmdline(self, pid: int) -> str | None:
-        return procfs.read_cmdline(pid, CMDLINE_MAX)
+        # Off the loop thread with a bounded wait: a forking process's mmap_lock can stall it.
+        if self._cmdlines is None:
+            self._cmdlines = CmdlineReader(lambda pid: procfs.read_cmdline(pid, CMDLINE_MAX))
+        return self._cmdlines.read(pid)
 
 
 class Family:

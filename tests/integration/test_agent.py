@@ -151,3 +151,30 @@ def test_a_thread_bomb_whose_main_thread_exited_is_removed(sandbox, agent_factor
     assert inc["result"] == "removed" and inc["survivors"] == 0, inc
     assert wait_until(lambda: not sandbox.fs.populated(cg)), "threads left running"
     assert wait_until(lambda: sandbox.live_pids(bomb) == []), sandbox.live_pids(bomb)
+
+
+def test_an_agent_started_under_a_c_fork_loop_gets_ready_and_removes_it(sandbox, tmp_path):
+    """Every process of a C fork() loop holds its mmap_lock for writing most of the time, so a
+    read of its /proc/<pid>/cmdline stalls: done on the loop's thread, the agent never got ready
+    (found by the bench, F5). The loop is already running when the agent starts."""
+    import shutil
+
+    from cgguard.testkit.corpus import c_fork_binary
+
+    if shutil.which("gcc") is None:
+        print("no gcc: cannot build the C fork loop")
+        pytest.skip("no gcc: cannot build the C fork loop")
+    prog = c_fork_binary(str(tmp_path))
+    cg = sandbox.cgroup("cfork")
+    bomb = sandbox.spawn([prog, "120"], cg, deadline_s=120, cap=256)
+    # Running and at its cap before the agent starts (the count is the sandbox's own kernel limit).
+    assert wait_until(lambda: len(sandbox.live_pids(bomb)) >= 200, timeout=60), len(sandbox.live_pids(bomb))
+    agent = AgentProc(str(tmp_path / "agent"), [f"{sandbox.name}/**"])
+    try:
+        agent.wait_ready(timeout=90)
+        inc = agent.wait_incident(cg, timeout=90)
+        assert inc["result"] == "removed" and inc["survivors"] == 0, inc
+        assert wait_until(lambda: sandbox.live_pids(bomb) == [], timeout=30), sandbox.live_pids(bomb)
+    finally:
+        rc = agent.stop()
+    assert rc == 0, agent.output()
