@@ -64,6 +64,10 @@ class Acting:
         target = self._target(node, verdict)
         if target.busy or self._cooldown.get(target.rel, 0) > now:
             return
+        if self._descendant_busy(target):
+            # A runaway below is being removed: what this cgroup saw grow is that one's, and is
+            # judged again on fresh samples once the action ends (see finish()).
+            return
         if verdict.evidence == "lineage" and self._lineage_quiet.get(target.rel, 0) > now:
             return
         wl = self.workloads.get(target.rel)
@@ -108,6 +112,15 @@ class Acting:
                 found = self.watcher.watched_ancestor(verdict.cgroup)
             return found or node
         return self.watcher.narrow(node, verdict.first_sign_ns)
+
+    def _descendant_busy(self, node: Node) -> bool:
+        stack = list(node.children.values())
+        while stack:
+            n = stack.pop()
+            if n.busy:
+                return True
+            stack.extend(n.children.values())
+        return False
 
     def _escalation(self, rel: str, now: int) -> str | None:
         last = self._acted.get(rel)
@@ -168,5 +181,10 @@ class Acting:
             if node.history is not None:
                 node.history.clear()
             self.watcher.hint_active(node, now)  # watch what is left closely: a survivor regrows
+            # The growth its ancestors and limit peers saw was this runaway's, and is gone with it:
+            # judged on that history, a pod or slice would be convicted for its child.
+            for other in self.watcher.charged_with(node):
+                if not other.busy and other.history is not None:
+                    other.history.clear()
         if self.tracking is not None:
             self.tracking.after_action(job.target)

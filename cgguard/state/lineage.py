@@ -35,9 +35,6 @@ from cgguard.state.lineage_proc import RESIGHT_EVERY, Family, ProcFS, resight, s
 from cgguard.state.lineage_record import FORGOTTEN, FREED, FROM_PROC, IDENTITY_TOLERANCE_NS, IMAGE_QUEUED, STALE, Record
 from cgguard.state.lineage_store import RecordStore, TreeStats
 
-# Re-exported: cgguard.agent.tracking reads them as lineage.walk and lineage.descends_from.
-from cgguard.state.lineage_walk import descends_from as descends_from, walk as walk
-
 ABANDON_WALK = 16  # ancestors looked at to find how many abandoning generations led here
 
 

@@ -217,6 +217,25 @@ class Watcher(CgroupTree):
                 return None
             cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
 
+    def charged_with(self, node: Node) -> list[Node]:
+        """The other watched cgroups whose task counts included ``node``'s tasks: its ancestors
+        (a subtree's pids.current or threads count them) and the cgroups charged to one of its
+        kernel limits (a pod's containers under the pod's pids.max; on a hybrid host, a parent
+        whose v1 group was found through a process of this child)."""
+        out: dict[str, Node] = {}
+        cur = node.rel
+        while cur:
+            cur = cur.rsplit("/", 1)[0] if "/" in cur else ""
+            n = self.nodes.get(cur)
+            if n is not None and n.watched:
+                out[n.rel] = n
+        mine = {id(g) for g in node.budget.groups} if node.budget else set()
+        if mine:
+            for n in self.nodes.values():
+                if n is not node and n.watched and n.budget and any(id(g) in mine for g in n.budget.groups):
+                    out[n.rel] = n
+        return list(out.values())
+
     def _baseline(self, node: Node, since_ns: int) -> int:
         """Tasks of a cgroup at ``since_ns``, as well as its history tells."""
         hist = node.history

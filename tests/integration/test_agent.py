@@ -178,3 +178,35 @@ def test_an_agent_started_under_a_c_fork_loop_gets_ready_and_removes_it(sandbox,
     finally:
         rc = agent.stop()
     assert rc == 0, agent.output()
+
+
+def test_a_parent_is_not_convicted_for_the_child_just_removed(sandbox, tmp_path):
+    """The parent's count and budget include the child's: its v1 pids group here (found through
+    the child's process), pids.current on pure v2. Once the child is removed, that past growth,
+    the refusals and the zombies not yet reaped were the child's: nothing to convict the parent
+    (which on a real node is a pod or a slice) for. Found by the bench (F4, F8)."""
+    parent = sandbox.cgroup("P")
+    child = sandbox.cgroup("P/C")
+    agent = AgentProc(str(tmp_path / "agent"), [f"{sandbox.name}/P", f"{sandbox.name}/P/**"])
+    try:
+        agent.wait_ready()
+        bomb = sandbox.spawn(WORKLOADS["zombies"].make(20), child, deadline_s=20, cap=256)
+        inc = agent.wait_incident(child, timeout=60)
+        assert inc["result"] == "removed", inc
+        assert wait_until(lambda: sandbox.live_pids(bomb) == [], timeout=30), sandbox.live_pids(bomb)
+        # The positive sign: the parent judged until it went calm, after the child's tasks
+        # (zombies included) were gone from every count.
+        if bomb.v1_dir is not None:
+            assert wait_until(lambda: open(os.path.join(bomb.v1_dir, "pids.current")).read().strip() == "0", timeout=30)
+        def parent_seen_empty():
+            mine = [c for c in agent.status()["cgroups"] if c["path"] == parent]
+            # Calm, empty and unpopulated: parked, judged again only when a task enters.
+            return mine and mine[0]["tasks"] == 0 and not mine[0]["populated"] and mine[0]["state"] == "calm"
+
+        assert wait_until(parent_seen_empty, timeout=60), agent.status()["cgroups"]
+        agent.caught_up()
+        on_parent = [i for i in agent.incidents() if i["cgroup"] == parent]
+        assert on_parent == [], on_parent
+    finally:
+        rc = agent.stop()
+    assert rc == 0, agent.output()
