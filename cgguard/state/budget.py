@@ -60,6 +60,7 @@ class Budget:
     groups: tuple[LimitGroup, ...] = ()
     resolved_ns: int = 0
     v1_pid: int = 0  # the process whose v1 group was looked up
+    tasks: int = 0  # the cgroup's tasks when it was resolved
     notes: list[str] = field(default_factory=list)
 
 

@@ -68,21 +68,24 @@ class Watcher(CgroupTree):
         self._schedule_at(node, now + zlib.crc32(node.rel.encode()) % max(spread, 1), self.sampling.slow_interval_ms * MS)
 
     # -- budgets ---------------------------------------------------------------------------
-    def budget_of(self, node: Node, now: int, populated: bool = False) -> Budget:
+    def budget_of(self, node: Node, now: int, tasks: int = 0) -> Budget:
         """The cgroup's budget, resolved again when stale, and soon after it first holds tasks on
         a hybrid host (its v1 group is found through one of its processes)."""
         b = node.budget
         # On a hybrid host a runtime moves a process into its v1 pids group and into its cgroup2
-        # cgroup one after the other, in either order: while no limit is found, look again.
+        # cgroup one after the other, in either order: while no limit is found, look again as
+        # long as the cgroup is active or holds more tasks than when last looked. A bomb that
+        # filled its v1 cap between two samples sits flat there, never "active" again.
         v1_pending = (
-            populated and b is not None and self.budgets.v1_root is not None
+            tasks > 0 and b is not None and self.budgets.v1_root is not None
             and not any(g.kind == "v1" for g in b.groups) and now - b.resolved_ns >= V1_RETRY_NS
-            and (now < node.active_until_ns or not b.v1_pid)
+            and (now < node.active_until_ns or not b.v1_pid or tasks > b.tasks)
         )
         if b is None or self.budgets.stale(b, now) or v1_pending:
             if b is not None:
                 self._unlink_groups(node, b)
             b = node.budget = self.budgets.resolve(node.rel, now)
+            b.tasks = tasks
             self._link_groups(node, b)
         return b
 
@@ -169,7 +172,7 @@ class Watcher(CgroupTree):
         sampling time."""
         now = self.clock() if now is None else now
         tasks = self.count(node)
-        b = self.budget_of(node, now, populated=tasks > 0)
+        b = self.budget_of(node, now, tasks)
         p = self.budgets.pressure(b, tasks, self.fs.abspath(node.rel) if node.pids_events_wd is not None else None)
         # Births only matter where the churn rule can decide; summing them costs a pass over
         # the cgroup's tracked records.

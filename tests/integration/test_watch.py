@@ -168,3 +168,51 @@ def test_protection_covers_the_subtree(cgfs, sandbox):
         assert not w.nodes[sandbox.name].protected
     finally:
         w.close()
+
+
+def test_a_v1_limit_joined_after_the_first_look_is_found_while_the_cgroup_grows(cgfs, sandbox):
+    """A runtime on a hybrid host may move a workload into its cgroup2 cgroup before its v1 pids
+    group. Looked up in between, the v1 side shows no limit; a bomb that then fills its cap between
+    two samples sits there flat, never "active": the limit must still be found (bench F3)."""
+    import subprocess
+
+    import pytest
+
+    from cgguard.testkit.sandbox import V1_PIDS
+    from cgguard.state.watch import V1_RETRY_NS
+
+    if sandbox.mode != "v1-pids":
+        print(f"needs the v1 pids hierarchy (sandbox mode {sandbox.mode})")
+        pytest.skip(f"needs the v1 pids hierarchy (sandbox mode {sandbox.mode})")
+    cg = sandbox.cgroup("late")
+    w = watcher(cgfs, [f"{sandbox.name}/*"], default_tasks=99999)
+    v1 = os.path.join(V1_PIDS, sandbox.name, "late-v1")
+    procs = []
+    w.start()
+    try:
+        procs.append(subprocess.Popen(["sleep", "60"]))
+        cgfs.write(cg, "cgroup.procs", str(procs[0].pid))
+        node = w.nodes[cg]
+        s = w.sample(node)
+        assert s.source == "default" and s.tasks == 1, s
+        os.mkdir(v1)
+        with open(os.path.join(v1, "pids.max"), "w") as f:
+            f.write("55")
+        for _ in range(3):
+            procs.append(subprocess.Popen(["sleep", "60"]))
+        for p in procs:
+            with open(os.path.join(v1, "cgroup.procs"), "w") as f:
+                f.write(str(p.pid))
+            if p is not procs[0]:
+                cgfs.write(cg, "cgroup.procs", str(p.pid))
+        node.active_until_ns = 0  # flat since the last sample as far as activity goes
+        w.clock = lambda: s.t_ns + V1_RETRY_NS + 1  # well before the 10 s refresh
+        s = w.sample(node)
+        assert s.tasks == 4 and s.limit == 55 and s.source.startswith("v1:"), s
+    finally:
+        w.close()
+        for p in procs:
+            p.kill()
+            p.wait()
+        if os.path.isdir(v1):
+            os.rmdir(v1)
