@@ -38,7 +38,7 @@ from cgguard.bench import bookkeeping
 from cgguard.testkit.corpus import BENIGN, BOMBS, WORKLOADS, Workload
 
 CAP = 1024  # the kernel task cap of every workload (<= 2048 by the bench's safety rules)
-EXTRA_NAMES = ("cost", "events", "targets", "shapes")  # --only names that are not workloads
+EXTRA_NAMES = ("cost", "events", "targets", "shapes", "sinks")  # --only names that are not workloads
 # Baselines in a full run: the classic bomb and one of each other shape of runaway (every bomb
 # would take as long as the rest of the run).
 BASELINE_BOMBS = ("classic", "setsid", "c-fork", "threads", "fork-loop")
@@ -60,6 +60,7 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
     # -- removal targets, generated shapes, the guest (targets.py, generated.py, inguest.py) -------
     targets: bool = False
+    sinks: bool = False  # removal time with a hanging hook and a dead webhook vs without sinks
     shapes: list[Any] = field(default_factory=list)  # testkit.shapes.Shape, run in every arena
     shape_budget: int = 256  # the task budget of every arena; bounded shapes stay under half of it
     shape_seed: int = 0
@@ -124,6 +125,7 @@ def _plan_extras(plan: Plan, names: set[str], quick: bool, shapes_only: bool, gu
     from cgguard.testkit import shapes
 
     plan.targets = not shapes_only and (not names or "targets" in names)
+    plan.sinks = not shapes_only and (not names or "sinks" in names)
     plan.shape_seed = shapes.DEFAULT_SEED if seed is None else seed
     plan.shape_count = count or shapes.DEFAULT_COUNT
     if shapes_only or not names or "shapes" in names:
@@ -139,6 +141,7 @@ def _plan_extras(plan: Plan, names: set[str], quick: bool, shapes_only: bool, gu
     # Each arena's trials take ~2.5 s on average here (bombs drain their zombies between trials).
     per_trial = 2.6
     plan.budget_s += (30 if plan.targets and quick else 90 if plan.targets else 0) + per_trial * 2 * len(plan.shapes)
+    plan.budget_s += (20 if quick else 40) if plan.sinks else 0
     # The guest emulates its CPU (TCG): several times slower than the host, boot included.
     # Bash starts 10x slower there: ~6 s per trial measured, twice that as a ceiling for retries.
     plan.guest_budget_s = 300 + 12.0 * 2 * len(plan.shapes) if plan.guest else 0.0
@@ -313,6 +316,11 @@ def main(args: Any) -> int:
 
             _say("targets: runaways pinned at a readable limit, runaways that predate the agent")
             res["target_runs"] = targets.run_targets(b, fs, quick, _say, attempt, within_budget)
+        if plan.sinks and within_budget("sink overhead", 20):
+            from . import operating
+
+            _say("sinks: the classic bomb's removal time with a hanging hook and a dead webhook, and without sinks")
+            res["sink_overhead"] = attempt("sink overhead", lambda: operating.sink_overhead(b, runs=3 if quick else 5, log=_say))
         if plan.shapes and not guest_only:
             from . import generated
 
@@ -392,6 +400,13 @@ def correctness(res: dict[str, Any]) -> list[str]:
     for t in res.get("target_runs", []):
         if t.method == "cgguard" and not t.removed:
             problems.append(f"{t.target} {t.workload} (limit {t.limit}): not removed")
+    so = res.get("sink_overhead")
+    if so:
+        for label in ("plain", "hung_sinks"):
+            if so[label]["removed"] != so["runs"]:
+                problems.append(f"sinks ({label}): {so['runs'] - so[label]['removed']} of {so['runs']} classic bombs not removed")
+        if so["hooks_left_running"]:
+            problems.append(f"sinks: {len(so['hooks_left_running'])} hook processes still running after the agent stopped")
     for a in res.get("shape_arenas", []):
         for r in a["runs"]:
             if r.outcome == "FN":

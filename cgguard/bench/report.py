@@ -181,6 +181,12 @@ def _summarize_extras(res: dict[str, Any], target) -> None:
         target(key, f"<= {goal} ms", worst, not failed and all(t.met for t in mine),
                f"max over {len(mine)} runs ({what})" + (f"; {before} removed before reaching the limit" if before else "")
                + (f"; not removed: {', '.join(failed)}" if failed else ""))
+    so = res.get("sink_overhead")
+    if so:
+        target("sink_overhead_pct", f"<= {so['target_pct']:g} % removal time", so["slowdown_pct"], so["met"],
+               f"median start->populated 0 over {so['runs']} classic bombs, a hook that hangs and a webhook "
+               f"that does not answer vs no sinks ({so['hung_sinks']['median_start_to_gone_ms']} vs "
+               f"{so['plain']['median_start_to_gone_ms']} ms); hooks left running: {len(so['hooks_left_running'])}")
     for a in res.get("shape_arenas", []):
         c = _confusion(a["runs"])
         n = len(a["runs"])
