@@ -234,8 +234,7 @@ def main(args: Any) -> int:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # a broken trial must not leave the rest unmeasured
-            res["errors"].append(f"{what}: {type(e).__name__}: {e}")
-            _say(f"  {what}: ERROR {type(e).__name__}: {e}")
+            runner.trial_error(res["errors"], what, e, _say)
             return None
 
     def bomb_trial(what: str, fn: Callable[[], Any]) -> Any:

@@ -9,17 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cgguard.cli.parser import at_least_one
+
 from . import main
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return v
 
 
 def build_parser(prog: str = "python -m cgguard.bench", parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,13 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest", action="store_true", help="also run the generated shapes in the pure cgroup-v2 guest")
     p.add_argument("--guest-only", action="store_true", help="run only the generated shapes, only in the guest")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the generated shapes (default: fixed)")
-    p.add_argument("--count", type=_positive, metavar="N", help="number of generated shapes (default 104)")
+    p.add_argument("--count", type=at_least_one, metavar="N", help="number of generated shapes (default 104)")
     p.add_argument("--shape", action="append", metavar="NAME",
                    help="run only the generated shapes whose name starts with NAME (e.g. s027), to reproduce one")
     # Internal: how the host runs the guest's part.
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--shape-budget", type=_positive, help=argparse.SUPPRESS)
-    p.add_argument("--time-budget", type=_positive, help=argparse.SUPPRESS)
+    p.add_argument("--shape-budget", type=at_least_one, help=argparse.SUPPRESS)
+    p.add_argument("--time-budget", type=at_least_one, help=argparse.SUPPRESS)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import psutil
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
 from cgguard.testkit.corpus import Workload
 
-from .runner import WINDOW_S, Bench, BombRun, bomb_secs, by_itself
-from .sampler import realtime, set_realtime
+from .runner import WINDOW_S, Bench, BombRun, Running, bomb_secs, by_itself
+from .sampler import Sampler, realtime, set_realtime
 
 THRESHOLD_TASKS = 64
 THRESHOLD_PERIOD_S = 0.1
@@ -39,6 +39,12 @@ def _setup_shared(b: Bench, wl: Workload, cg: str, r: BombRun) -> list:
     r.end_signal = "bomb processes gone"
     time.sleep(0.2)
     return inn
+
+
+def _start(b: Bench, wl: Workload, cg: str, threshold: int | None = None) -> tuple[Running, Sampler, float]:
+    """The bomb, sampled from its first fork, with 3 s past its own deadline to be cleaned up."""
+    w, smp, t0, _ = b.start_sampled(wl.make(bomb_secs(wl)), cg, bomb_secs(wl) + 3, wl.name, threshold=threshold)
+    return w, smp, t0
 
 
 def _window_rest(t0: float, window_s: float) -> None:
@@ -57,7 +63,7 @@ def pids_max_only(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW
     try:
         inn = _setup_shared(b, wl, cg, r)
         with realtime():
-            w, smp, t0, _ = b.start_sampled(wl.make(bomb_secs(wl)), cg, bomb_secs(wl) + 3, wl.name)
+            w, smp, t0 = _start(b, wl, cg)
             _window_rest(t0, window_s)
             r.tasks_held = b.current(w)
             r.survivors = len(b.sb.live_pids(w))
@@ -68,10 +74,7 @@ def pids_max_only(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW
         if inn:
             r.innocents_alive = b.alive(inn)
     finally:
-        if w is not None:
-            b.finish(w, smp, f"{wl.name}/pids.max/{run}")
-        b.kill_all(inn)
-        b.remove(cg)
+        b.end_trial(cg, w, smp, f"{wl.name}/pids.max/{run}", inn)
     return r
 
 
@@ -112,8 +115,7 @@ def naive_killer(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW_
     try:
         inn = _setup_shared(b, wl, cg, r)
         with realtime():
-            w, smp, t0, _ = b.start_sampled(wl.make(bomb_secs(wl)), cg, bomb_secs(wl) + 3, wl.name,
-                                            threshold=NAIVE_TRIGGER_TASKS)
+            w, smp, t0 = _start(b, wl, cg, threshold=NAIVE_TRIGGER_TASKS)
             r.detected = smp.crossed.wait(bomb_secs(wl) - 1.5)
             t_trig = time.monotonic() - t0
             r.start_to_verdict_ms = round(t_trig * 1000, 1)
@@ -141,10 +143,7 @@ def naive_killer(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW_
         if inn:
             r.innocents_alive = b.alive(inn)
     finally:
-        if w is not None:
-            b.finish(w, smp, f"{wl.name}/naive-killer/{run}")
-        b.kill_all(inn)
-        b.remove(cg)
+        b.end_trial(cg, w, smp, f"{wl.name}/naive-killer/{run}", inn)
     return r
 
 
@@ -209,7 +208,7 @@ def threshold_bomb(b: Bench, wl: Workload, poller: ThresholdPoller, run: int = 1
         inn = _setup_shared(b, wl, cg, r)
         poller.kill_evt.clear()
         with realtime():
-            w, smp, t0, _ = b.start_sampled(wl.make(bomb_secs(wl)), cg, bomb_secs(wl) + 3, wl.name)
+            w, smp, t0 = _start(b, wl, cg)
             poller.watch(cg)
             end_evt = smp.gone if r.innocents else smp.unpopulated
             if poller.kill_evt.wait(bomb_secs(wl) - 1.2):
@@ -237,8 +236,5 @@ def threshold_bomb(b: Bench, wl: Workload, poller: ThresholdPoller, run: int = 1
                 r.notes.append("killed the innocent processes sharing the cgroup")
     finally:
         poller.unwatch(cg)
-        if w is not None:
-            b.finish(w, smp, f"{wl.name}/threshold/{run}")
-        b.kill_all(inn)
-        b.remove(cg)
+        b.end_trial(cg, w, smp, f"{wl.name}/threshold/{run}", inn)
     return r

@@ -47,7 +47,7 @@ from cgguard.testkit.sandbox import Sandbox
 from cgguard.testkit.shapes import SPAWN_S, Shape, ShapeKit
 
 from .agentproc import AgentProcess, AgentStartError
-from .runner import _describe, agent_view, median, related
+from .runner import _describe, agent_view, median, related, trial_error
 from .sampler import Sampler, realtime
 
 MAX_TIME_SCALE = 12.0
@@ -443,8 +443,7 @@ def _trial(sbench: ShapeBench, arena: Arena, agent: ArenaAgent, s: Shape, out: d
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one broken trial must not leave the others unmeasured
-        out["errors"].append(f"{arena.key} {s.name}: {type(e).__name__}: {e}")
-        log(f"  {s.name} ({arena.key}): ERROR {type(e).__name__}: {e}")
+        trial_error(out["errors"], f"{arena.key} {s.name}", e, log)
         return None
     out["runs"].append(r)
     extra = f" ({'; '.join(r.notes)})" if r.outcome not in ("TP", "TN") or r.notes else ""

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
 from cgguard.testkit.corpus import Workload, compile_c
@@ -236,6 +236,17 @@ class Bench:
         for w in ws:
             self.sb.kill(w)
 
+    def end_trial(self, cg: str, w: Running | None, smp: Sampler | None, key: str | None,
+                  innocents: list[Running] | None = None, agent: Any = None, notes: list[str] | None = None) -> None:
+        """A trial's clean-up, in its ``finally``: the workload and its sampler, its innocents,
+        its agent (an exit other than 0 goes into ``notes``), its cgroup."""
+        if w is not None:
+            self.finish(w, smp, key)
+        self.kill_all(innocents or [])
+        if agent is not None:
+            stop_agent(agent, notes if notes is not None else [])
+        self.remove(cg)
+
     def remove(self, cg: str) -> None:
         """Drop a finished trial's cgroup so later agents do not watch a growing pile of them."""
         for _ in range(50):
@@ -388,13 +399,7 @@ def cgguard_bomb(b: Bench, wl: Workload, run: int, hold_s: float = 0.0) -> BombR
             r.innocents_alive = b.alive(innocents)
         r.peak_v1 = b.peak(w)
     finally:
-        if w is not None:
-            b.finish(w, smp, f"{wl.name}/cgguard/{run}")
-        b.kill_all(innocents)
-        rc = agent.stop()
-        if rc not in (0, None):
-            r.notes.append(f"agent exited {rc}: {agent.output(300)}")
-        b.remove(cg)
+        b.end_trial(cg, w, smp, f"{wl.name}/cgguard/{run}", innocents, agent, r.notes)
     return r
 
 
@@ -438,13 +443,7 @@ def run_benign(b: Bench, wl: Workload, method: str, poller=None) -> BenignRun:
         r.false_kill = r.killed or r.incidents > 0 or r.exit_code != 0
         r.peak_v1 = b.peak(w)
     finally:
-        if w is not None:
-            b.finish(w, smp, None)
-        if agent is not None:
-            rc = agent.stop()
-            if rc not in (0, None):
-                r.notes.append(f"agent exited {rc}: {agent.output(300)}")
-        b.remove(cg)
+        b.end_trial(cg, w, smp, None, agent=agent, notes=r.notes)
         if cwd:
             shutil.rmtree(cwd, ignore_errors=True)
     return r
@@ -495,9 +494,7 @@ def agent_cost(fs: CgroupFS, tmp: str, window_s: float, calm: int, log=print, ow
                 log(f"  agent {label}: {out[label]['cpu_pct']} % of a core, RSS {out[label]['rss_mib']} MiB, "
                     f"{watched} cgroups watched, {out[label]['host_events_per_s']} process events/s on the host")
             finally:
-                rc = a.stop()
-                if rc not in (0, None):
-                    out.setdefault("notes", []).append(f"agent ({label}) exited {rc}: {a.output(300)}")
+                stop_agent(a, out.setdefault("notes", []), f"agent ({label})")
     finally:
         left = sb.close()
         if left:
@@ -588,8 +585,18 @@ def events_probe(b: Bench, plan: list[tuple[str, int]], log=print) -> dict[str, 
             log(f"  {mode} x{n}: received {got}/{gen} forks ({run['received_pct']} %), "
                 f"{run['forks_per_s']}/s, agent {run['agent_cpu_pct']} % CPU, ENOBUFS {run['lost_enobufs']}")
     finally:
-        rc = agent.stop()
-        if rc not in (0, None):
-            out.setdefault("notes", []).append(f"agent exited {rc}: {agent.output(300)}")
-        b.remove(cg)
+        b.end_trial(cg, None, None, None, agent=agent, notes=out.setdefault("notes", []))
     return out
+
+
+def stop_agent(agent: Any, notes: list[str], label: str = "agent") -> None:
+    """Stop a trial's agent; an exit other than 0 goes into the trial's notes with its last words."""
+    rc = agent.stop()
+    if rc not in (0, None):
+        notes.append(f"{label} exited {rc}: {agent.output(300)}")
+
+
+def trial_error(errors: list[str], what: str, e: Exception, log: Callable[[str], None]) -> None:
+    """A broken trial is recorded, and the bench goes on with the next one."""
+    errors.append(f"{what}: {type(e).__name__}: {e}")
+    log(f"  {what}: ERROR {type(e).__name__}: {e}")

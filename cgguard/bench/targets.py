@@ -99,29 +99,18 @@ def pinned(b: Bench, wl: Workload, limit: int, poller=None) -> TargetRun:
             _fill_incident(r, related(agent.incidents(), cg))
         elif poller is not None and poller.unwatch(cg):
             r.action = "kill-cgroup"
-        r.removed = s.t_unpopulated is not None and s.t_unpopulated < PINNED_SECS - 1.0 and not r.survivors
         r.limit_hit_ms = None if s.t_threshold is None else round(s.t_threshold * 1000, 1)
-        if r.removed:
-            r.gone_ms = round(s.t_unpopulated * 1000, 1)
+        if _removal(r, s, PINNED_SECS):
             if r.limit_hit_ms is not None:
                 r.latency_ms = round(r.gone_ms - r.limit_hit_ms, 1)
                 r.met = r.latency_ms <= PINNED_GOAL_MS
             else:
                 r.met = True
                 r.notes.append(f"removed before it reached its limit (peak {b.peak(w)})")
-        else:
-            r.met = False
-            r.notes.append("not removed before its own deadline")
     finally:
         if poller is not None:
             poller.unwatch(cg)
-        if w is not None:
-            b.finish(w, smp, None)
-        if agent is not None:
-            rc = agent.stop()
-            if rc not in (0, None):
-                r.notes.append(f"agent exited {rc}: {agent.output(300)}")
-        b.remove(cg)
+        b.end_trial(cg, w, smp, None, agent=agent, notes=r.notes)
     return r
 
 
@@ -215,28 +204,16 @@ def predating(b: Bench, wl: Workload, poller_factory=None) -> TargetRun:
         s = smp.series
         if agent is not None:
             _fill_incident(r, related(agent.incidents(), cg))
-        r.removed = s.t_unpopulated is not None and s.t_unpopulated < PREDATING_SECS - 1.0 and not r.survivors
-        if r.removed:
-            r.gone_ms = round(s.t_unpopulated * 1000, 1)
-            if t_ready is not None:
-                r.latency_ms = round((t0 + s.t_unpopulated - t_ready) * 1000, 1)
-                r.met = r.latency_ms <= PREDATING_GOAL_MS
-                if r.latency_ms < 0:
-                    r.notes.append("removed before /readyz answered 200")
-        else:
-            r.met = False
-            r.notes.append("not removed before its own deadline")
+        if _removal(r, s, PREDATING_SECS) and t_ready is not None:
+            r.latency_ms = round((t0 + s.t_unpopulated - t_ready) * 1000, 1)
+            r.met = r.latency_ms <= PREDATING_GOAL_MS
+            if r.latency_ms < 0:
+                r.notes.append("removed before /readyz answered 200")
     finally:
         if poller is not None:
             poller.unwatch(cg)
             poller.close()
-        if w is not None:
-            b.finish(w, smp, None)
-        if agent is not None:
-            rc = agent.stop()
-            if rc not in (0, None):
-                r.notes.append(f"agent exited {rc}: {agent.output(300)}")
-        b.remove(cg)
+        b.end_trial(cg, w, smp, None, agent=agent, notes=r.notes)
         _drop_cpu_group(cpu)
     return r
 
@@ -284,3 +261,15 @@ def run_targets(b: Bench, fs, quick: bool, log, attempt, within_budget) -> list[
             out.append(r)
             log(f"  predating {bombs[0].name} / threshold poller: start -> populated 0 {r.latency_ms} ms")
     return out
+
+
+def _removal(r: Any, s: Any, secs: float) -> bool:
+    """Was the trial's bomb removed: populated 0 a second before its own deadline, no survivor?
+    Sets ``removed`` and ``gone_ms``; a miss is not met, with a note."""
+    r.removed = s.t_unpopulated is not None and s.t_unpopulated < secs - 1.0 and not r.survivors
+    if r.removed:
+        r.gone_ms = round(s.t_unpopulated * 1000, 1)
+    else:
+        r.met = False
+        r.notes.append("not removed before its own deadline")
+    return r.removed

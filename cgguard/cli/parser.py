@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{sub}: {message}" if sub else message)
 
 
-def _at_least_one(v: str) -> int:
+def at_least_one(v: str) -> int:
+    """argparse type: a whole number >= 1."""
     try:
         n = int(v)
     except ValueError:
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="one JSON object per line")
     i.add_argument("--state-dir", metavar="DIR")
     i.add_argument("--config", "-c", metavar="FILE")
-    i.add_argument("--last", type=_at_least_one, metavar="N", help="only the last N (N >= 1)")
+    i.add_argument("--last", type=at_least_one, metavar="N", help="only the last N (N >= 1)")
 
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("file")
