@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cgguard.act import bomb_members
 from cgguard.config import Action, Config
 from cgguard.detect import Verdict
 from cgguard.kernel.cgroupfs import CgroupError, CgroupFS
@@ -79,29 +80,19 @@ class ContextBuilder:
 
     def _only(self, rel: str, family: Verdict) -> bool:
         """Does the cgroup hold nothing but this family? A bomb keeps forking while we look, so
-        each process is asked whether it descends from the origin (as a surgical kill would)."""
+        each process is sorted as a surgical kill would sort it (:func:`cgguard.act.bomb_members`):
+        known to descend from the origin; or, its fork event still queued, a child of a member
+        (members found meanwhile included) or an orphan younger than the origin."""
         if self.tracking is None or family.origin_ref is None:
             return False
-        belongs = self.tracking.member_test(family.origin_ref)
         try:
             inside = [p for cg in self.fs.walk(rel) for p in self.fs.procs(cg)]
         except CgroupError:
             return False
-        known = {pid for pid, _ in family.members or ()}
-        for pid in inside:
-            if pid in known:
-                continue
-            st = read_stat(pid)
-            if st is None:
-                continue  # exited meanwhile
-            b = belongs(pid, st) if belongs is not None else None
-            if b is True:
-                continue
-            # Not known to descend from the origin. A member forked a moment ago (its event still
-            # queued) has a member or, orphaned, init as its parent; anything else is a neighbour.
-            if b is False or not (st.ppid in known or st.ppid == 1):
-                return False
-        return True
+        stats = {pid: read_stat(pid) for pid in inside}
+        members, _ = bomb_members(inside, frozenset(family.members or ()), self.tracking.member_test(family.origin_ref),
+                                  family.origin_ref.start_ns, stats)
+        return all(pid in members for pid, st in stats.items() if st is not None)
 
     def _allow(self, target: str, v: Verdict) -> tuple[str | None, str | None]:
         """(exempting rule, relaxing rule) that match the verdict's origin, if any."""

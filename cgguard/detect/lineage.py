@@ -66,14 +66,33 @@ def qualifies(tree: LineageTree, cgroup: str, now_ns: int, p: LineageDetect) -> 
 
 
 def find_origin(rec: Record, cgroup: str) -> Record:
-    """Up from an abandoner: through parents that abandoned and through clones, while in the cgroup."""
+    """Up from an abandoner: through parents that abandoned, through clones, and through parents
+    at least two of whose children abandoned theirs, while in the cgroup.
+
+    The last is a generation of the pattern whose own exit is not heard yet (or comes later): an
+    exec chain's member forks its two and exits a moment after. Stopping below it would name a
+    mid-chain member the origin, and a surgical kill would spare its cousins as "innocent".
+    """
     while True:
         parent = rec.parent
         if parent is None or parent.flags & FREED or not within(parent.cg.path, cgroup):
             return rec
-        if not (parent.abd or rec.exec_ns is None):
+        if not (parent.abd or rec.exec_ns is None or _replicates(parent)):
             return rec
         rec = parent
+
+
+def _replicates(rec: Record, need: int = 2, look: int = 64) -> bool:
+    n = 0
+    c = rec.first_child
+    while c is not None and look > 0:
+        if c.abd:
+            n += 1
+            if n >= need:
+                return True
+        c = c.next_sib
+        look -= 1
+    return False
 
 
 def detect_lineage(tree: LineageTree, cgroup: str, now_ns: int, p: LineageDetect = LineageDetect()) -> Verdict | None:

@@ -192,7 +192,13 @@ def describe(tree: LineageTree, rec: Record) -> tuple[str | None, str | None]:
     # A zombie's /proc has its comm but no command line: ask a live clone (a bomb's members
     # are copies of its origin, and one of them is alive).
     if (r.image is None or r.image[1] is None) and not (r.alive and r.image):
+        named = r.image
         for c in walk(r, lambda c: c.exec_ns is None):
-            if c is not r and c.alive and read_image(tree, c) and c.image and c.image[1]:
-                return c.image
+            if c is not r and c.alive and read_image(tree, c) and c.image:
+                if c.image[1]:
+                    return c.image
+                # A clone that is forking holds its mmap_lock: its command line may not come
+                # within the reader's wait, its comm (from stat) does.
+                named = named or c.image
+        return named or (None, None)
     return r.image or (None, None)

@@ -615,3 +615,40 @@ def test_a_member_sighted_from_proc_under_a_tracked_parent_keeps_the_family_whol
     assert sim.tree.get(kid).parent is sim.tree.get(b)
     run_pipe_bomb(sim, w, b, origin_exits=True)
     assert w.verdict is not None and w.verdict.complete
+
+
+def test_origin_climbs_past_a_generation_whose_exit_is_still_queued():
+    """Exec chain: every member execs a new command line, forks two and exits. When the verdict
+    comes, one member of a middle generation has forked its two (who abandoned theirs already) but
+    not exited yet: the origin is still the chain's root, not the exec'd child below that member --
+    else the surgical kill would take the root's other descendants for innocents."""
+    from cgguard.detect.lineage import find_origin
+
+    sim = Sim()
+    root = sim.start("bash", "bash ./chain.sh 0")
+    gen = {root: 0}
+
+    def two(p, leave=True):
+        kids = []
+        for _ in range(2):
+            c = sim.spawn(p, "bash", f"bash ./chain.sh {gen[p] + 1}", dt=300_000)
+            gen[c] = gen[p] + 1
+            kids.append(c)
+        if leave:
+            sim.exit(p)
+        return kids
+
+    c1, c2 = two(root)
+    two(c1)
+    d3, d4 = two(c2, leave=False)  # c2 forked both, its exit not heard yet
+    two(d3)
+    two(d4)
+    tree = sim.tree
+    c2r = tree.get(c2)
+    assert c2r is not None and c2r.abd == 0  # alive, as far as the tree heard
+    d3r = c2r.first_child
+    while d3r.tgid != d3:
+        d3r = d3r.next_sib
+    assert d3r.abd > 0 and not d3r.alive
+    origin = find_origin(d3r.first_child, "sim")  # from a member of the youngest generation
+    assert (origin.tgid, origin.alive) == (root, False)
