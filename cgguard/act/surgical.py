@@ -35,6 +35,7 @@ def bomb_members(
     classify: Classify | None = None,
     origin_start_ns: int | None = None,
     stats: dict[int, ProcStat | None] | None = None,
+    why: dict[str, int] | None = None,
 ) -> tuple[set[int], int]:
     """Which of ``procs`` (a frozen cgroup's processes) belong to the bomb; and how many of them
     were taken without a lineage record.
@@ -44,7 +45,8 @@ def bomb_members(
     ``members`` with the same start time -- never a bare pid: a record's pid may have been reused
     by an innocent. Unknown processes are members if their parent chain inside the cgroup reaches
     a member, or if they are orphans (parent outside the cgroup, as a bomb's are once their
-    parents exit) started after the origin.
+    parents exit) started after the origin. ``why``, if given, counts the non-members by reason
+    (for the incident: an operator sees on what ground a process was spared).
     """
     starts: dict[int, list[int]] = {}
     for tgid, start in members:
@@ -63,6 +65,10 @@ def bomb_members(
             out.add(pid)
         elif verdict is None:
             unknown[pid] = st
+        elif why is not None:
+            older = origin_start_ns is not None and st.start_ns < origin_start_ns
+            key = "older than the origin" if older else "recorded ancestry outside the lineage"
+            why[key] = why.get(key, 0) + 1
     guessed = 0
     changed = True
     while changed:
@@ -73,11 +79,13 @@ def bomb_members(
                 del unknown[pid]
                 changed = True
                 guessed += 1
-    if origin_start_ns is not None:
-        for pid, st in unknown.items():
-            if st.ppid not in stat_of and st.start_ns >= origin_start_ns:
-                out.add(pid)
-                guessed += 1
+    for pid, st in unknown.items():
+        if origin_start_ns is not None and st.ppid not in stat_of and st.start_ns >= origin_start_ns:
+            out.add(pid)
+            guessed += 1
+        elif why is not None:
+            key = "no record, parent not a member" if st.ppid in stat_of else "no record, older orphan"
+            why[key] = why.get(key, 0) + 1
     return out, guessed
 
 
@@ -204,10 +212,13 @@ def kill_lineage(
         return res
     if why is not None:
         return fall_back(why)
-    bomb, guessed = bomb_members(procs, members, classify, origin_start_ns)
+    spared: dict[str, int] = {}
+    bomb, guessed = bomb_members(procs, members, classify, origin_start_ns, why=spared)
     if guessed:
         res.notes.append(f"{guessed} processes without a lineage record taken as members (orphans or children of members)")
     res.innocents = len(procs) - len(bomb)
+    if spared:
+        res.notes.append("spared: " + ", ".join(f"{n} {k}" for k, n in sorted(spared.items())))
     if not bomb:
         if unmatched_fallback:
             return fall_back("no live member of the lineage found in the frozen cgroup")

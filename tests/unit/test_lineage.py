@@ -535,3 +535,6 @@ def test_surgical_members_take_unknown_orphans_and_spare_older_neighbours():
     out, guessed = bomb_members(procs, frozenset({o.identity}), classify, o.start_ns, stats)
     assert out == {origin, orphan} and guessed == 1
     assert innocent not in out and helper not in out
+    why: dict[str, int] = {}
+    bomb_members(procs, frozenset({o.identity}), classify, o.start_ns, stats, why=why)
+    assert why == {"older than the origin": 1, "recorded ancestry outside the lineage": 1}, why
