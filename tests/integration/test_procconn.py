@@ -18,43 +18,9 @@ from cgguard.kernel.procconn import (
 )
 from cgguard.kernel.procconn_abi import FILTER_EVENTS, FILTER_LEGACY, NETLINK_CONNECTOR, PROC_EVENT_FORK
 from cgguard.testkit.cnproc import RecordingSink, encode_event, replay
+from connector import ListSink, connector
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[tuple] = []
-        self.losses: list[str] = []
-
-    def on_fork(self, ts_ns, parent_pid, parent_tgid, child_pid, child_tgid):
-        self.events.append(("fork", ts_ns, parent_pid, parent_tgid, child_pid, child_tgid))
-
-    def on_exec(self, ts_ns, pid, tgid):
-        self.events.append(("exec", ts_ns, pid, tgid))
-
-    def on_exit(self, ts_ns, pid, tgid, exit_code, exit_signal):
-        self.events.append(("exit", ts_ns, pid, tgid, exit_code, exit_signal))
-
-    def on_loss(self, reason):
-        self.losses.append(reason)
-
-    def of(self, pid: int) -> list[tuple]:
-        out = []
-        for e in self.events:
-            if e[0] == "fork" and pid in (e[3], e[5]):
-                out.append(e)
-            elif e[0] in ("exec", "exit") and e[3] == pid:
-                out.append(e)
-        return out
-
-
-def connector(**kw) -> ProcConnector:
-    try:
-        return ProcConnector(**kw)
-    except ProcConnectorUnavailable as e:
-        print(f"SKIP reason: proc connector unavailable: {e}", file=sys.stderr)
-        pytest.skip(f"proc connector unavailable: {e}")
 
 
 RECV_PATHS = [RECV_RECVMMSG, RECV_PER_DATAGRAM]

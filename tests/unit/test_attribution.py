@@ -1,9 +1,8 @@
-"""attribute(): table of real-world cgroup path shapes, invariants on random paths, real cgroups."""
+"""attribute(): table of real-world cgroup path shapes, invariants on random paths (real cgroups: tests/integration/test_attribution_live.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -226,37 +225,3 @@ def test_cgroupns_relative_paths() -> None:
     assert cgroupns_root_depth("/") == 0
     # together: the depth tells which level of the real tree holds our own cgroup
     assert len(own.split("/")) == cgroupns_root_depth("/../../../../init.scope")
-
-
-# -- real cgroups ---------------------------------------------------------------------------
-REAL_SHAPES = [
-    (f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope",
-     dict(kind="pod", pod_uid=UID, qos="burstable", container_id=CID, runtime="containerd")),
-    (f"kubepods/besteffort/pod{UID}/{CID2}", dict(kind="pod", qos="besteffort", container_id=CID2, runtime=None)),
-    (f"system.slice/docker-{CID}.scope", dict(kind="container", runtime="docker", container_id=CID)),
-    (f"user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID2}.scope",
-     dict(kind="container", runtime="podman", uid=1000)),
-    ("user.slice/user-1000.slice/session-3.scope", dict(kind="session", uid=1000, session="3")),
-    (r"machine.slice/machine-qemu\x2d1\x2dvm1.scope", dict(kind="machine", name="machine qemu-1-vm1")),
-    ("system.slice/nginx.service/worker", dict(kind="service", unit="nginx.service", subpath="worker")),
-]
-
-
-@pytest.fixture
-def sandbox():
-    from cgguard.kernel.cgroupfs import CgroupError, NoCgroup2
-    from cgguard.testkit.sandbox import Sandbox
-
-    if os.geteuid() != 0:
-        pytest.skip("real cgroups need root")
-    try:
-        sb = Sandbox.create(prefix="cgguard-test-attr")
-    except (NoCgroup2, CgroupError, OSError) as e:
-        pytest.skip(f"no writable cgroup2 tree: {e}")
-    try:
-        yield sb
-    finally:
-        left = sb.close()
-        assert left == [], f"cgroups left behind: {left}"
-        assert not sb.fs.exists(sb.name)
-

@@ -30,24 +30,7 @@ from cgguard.kernel.procconn_abi import (
     PROC_EVENT_NONE,
 )
 from cgguard.testkit.cnproc import encode_event
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[tuple] = []
-        self.losses: list[str] = []
-
-    def on_fork(self, ts_ns, parent_pid, parent_tgid, child_pid, child_tgid):
-        self.events.append(("fork", ts_ns, parent_pid, parent_tgid, child_pid, child_tgid))
-
-    def on_exec(self, ts_ns, pid, tgid):
-        self.events.append(("exec", ts_ns, pid, tgid))
-
-    def on_exit(self, ts_ns, pid, tgid, exit_code, exit_signal):
-        self.events.append(("exit", ts_ns, pid, tgid, exit_code, exit_signal))
-
-    def on_loss(self, reason):
-        self.losses.append(reason)
+from connector import ListSink
 
 
 @pytest.fixture(params=[RECV_RECVMMSG, RECV_PER_DATAGRAM])

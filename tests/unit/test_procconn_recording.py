@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import pytest
 
-from cgguard.kernel.procconn import ProcConnector, ProcConnectorUnavailable
+from cgguard.kernel.procconn import ProcConnector
 from cgguard.kernel.procconn_abi import (
     MSG_SIZE,
     PROC_EVENT_COMM,
@@ -17,43 +16,9 @@ from cgguard.kernel.procconn_abi import (
     PROC_EVENT_FORK,
 )
 from cgguard.testkit.cnproc import encode_event, iter_events, keep_lineage, replay, write_recording
+from connector import ListSink
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[tuple] = []
-        self.losses: list[str] = []
-
-    def on_fork(self, ts_ns, parent_pid, parent_tgid, child_pid, child_tgid):
-        self.events.append(("fork", ts_ns, parent_pid, parent_tgid, child_pid, child_tgid))
-
-    def on_exec(self, ts_ns, pid, tgid):
-        self.events.append(("exec", ts_ns, pid, tgid))
-
-    def on_exit(self, ts_ns, pid, tgid, exit_code, exit_signal):
-        self.events.append(("exit", ts_ns, pid, tgid, exit_code, exit_signal))
-
-    def on_loss(self, reason):
-        self.losses.append(reason)
-
-    def of(self, pid: int) -> list[tuple]:
-        out = []
-        for e in self.events:
-            if e[0] == "fork" and pid in (e[3], e[5]):
-                out.append(e)
-            elif e[0] in ("exec", "exit") and e[3] == pid:
-                out.append(e)
-        return out
-
-
-def connector(**kw) -> ProcConnector:
-    try:
-        return ProcConnector(**kw)
-    except ProcConnectorUnavailable as e:
-        print(f"SKIP reason: proc connector unavailable: {e}", file=sys.stderr)
-        pytest.skip(f"proc connector unavailable: {e}")
 
 
 def drain(conn: ProcConnector, sink, until=lambda: False, timeout=3.0) -> None:
