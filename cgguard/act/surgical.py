@@ -171,6 +171,21 @@ def _whole(fs: CgroupFS, rel: str, timeout_s: float, res: ActionResult, t0: floa
     return kc
 
 
+def _sort(
+    procs: list[int], members: frozenset[tuple[int, int]], classify: Classify | None, origin_start_ns: int | None,
+    res: ActionResult,
+) -> set[int]:
+    """The bomb's processes among the frozen cgroup's; the incident says how the rest were spared."""
+    spared: dict[str, int] = {}
+    bomb, guessed = bomb_members(procs, members, classify, origin_start_ns, why=spared)
+    if guessed:
+        res.notes.append(f"{guessed} processes without a lineage record taken as members (orphans or children of members)")
+    res.innocents = len(procs) - len(bomb)
+    if spared:
+        res.notes.append("spared: " + ", ".join(f"{n} {k}" for k, n in sorted(spared.items())))
+    return bomb
+
+
 def kill_lineage(
     fs: CgroupFS,
     rel: str,
@@ -212,13 +227,7 @@ def kill_lineage(
         return res
     if why is not None:
         return fall_back(why)
-    spared: dict[str, int] = {}
-    bomb, guessed = bomb_members(procs, members, classify, origin_start_ns, why=spared)
-    if guessed:
-        res.notes.append(f"{guessed} processes without a lineage record taken as members (orphans or children of members)")
-    res.innocents = len(procs) - len(bomb)
-    if spared:
-        res.notes.append("spared: " + ", ".join(f"{n} {k}" for k, n in sorted(spared.items())))
+    bomb = _sort(procs, members, classify, origin_start_ns, res)
     if not bomb:
         if unmatched_fallback:
             return fall_back("no live member of the lineage found in the frozen cgroup")
