@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import psutil
 
@@ -29,6 +32,33 @@ THRESHOLD_TASKS = 64
 THRESHOLD_PERIOD_S = 0.1
 NAIVE_TRIGGER_TASKS = 64  # the naive killer starts when the bomb reaches this many tasks
 NAIVE_TIMEOUT_S = 2.5  # it gives up well before any bomb's own deadline (>= 5 s)
+
+
+@dataclass
+class _Trial:
+    """One baseline trial in progress: what its clean-up and its closing figures need."""
+
+    r: BombRun
+    cg: str
+    inn: list = field(default_factory=list)
+    w: Running | None = None
+    smp: Sampler | None = None
+
+
+@contextmanager
+def _trial(b: Bench, wl: Workload, method: str, tag: str, run: int, window_s: float, **kw) -> Iterator[_Trial]:
+    """A trial cgroup (with the workload's innocents, if any); on success the bomb's CPU, peak and
+    the innocents still alive are recorded; whatever happens the trial is cleaned up."""
+    t = _Trial(BombRun(wl.name, method, run, window_s=window_s, **kw), b.trial_cgroup(f"{wl.name}-{tag}{run}"))
+    try:
+        t.inn = _setup_shared(b, wl, t.cg, t.r)
+        yield t
+        t.r.bomb_cpu_s = b.cpu_usage_s(t.cg)
+        t.r.peak_v1 = b.peak(t.w)
+        if t.inn:
+            t.r.innocents_alive = b.alive(t.inn)
+    finally:
+        b.end_trial(t.cg, t.w, t.smp, f"{wl.name}/{method}/{run}", t.inn)
 
 
 def _setup_shared(b: Bench, wl: Workload, cg: str, r: BombRun) -> list:
@@ -56,25 +86,15 @@ def _window_rest(t0: float, window_s: float) -> None:
 
 # -- (a) pids.max only -------------------------------------------------------------------------
 def pids_max_only(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW_S) -> BombRun:
-    r = BombRun(wl.name, "pids.max", run, detected=None, window_s=window_s)
-    cg = b.trial_cgroup(f"{wl.name}-pidsmax{run}")
-    inn: list = []
-    w = smp = None
-    try:
-        inn = _setup_shared(b, wl, cg, r)
+    with _trial(b, wl, "pids.max", "pidsmax", run, window_s, detected=None) as t:
+        r = t.r
         with realtime():
-            w, smp, t0 = _start(b, wl, cg)
+            t.w, t.smp, t0 = _start(b, wl, t.cg)
             _window_rest(t0, window_s)
-            r.tasks_held = b.current(w)
-            r.survivors = len(b.sb.live_pids(w))
-        r.bomb_cpu_s = b.cpu_usage_s(cg)
-        r.peak_v1 = b.peak(w)
+            r.tasks_held = b.current(t.w)
+            r.survivors = len(b.sb.live_pids(t.w))
         r.removed = False
         r.notes.append(f"never removed: {r.survivors} processes, {r.tasks_held} tasks still there after {window_s:g} s")
-        if inn:
-            r.innocents_alive = b.alive(inn)
-    finally:
-        b.end_trial(cg, w, smp, f"{wl.name}/pids.max/{run}", inn)
     return r
 
 
@@ -108,14 +128,11 @@ def naive_kill(root_pid: int, is_root_alive, timeout_s: float = NAIVE_TIMEOUT_S)
 
 
 def naive_killer(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW_S) -> BombRun:
-    r = BombRun(wl.name, "naive-killer", run, window_s=window_s)
-    cg = b.trial_cgroup(f"{wl.name}-naive{run}")
-    inn: list = []
-    w = smp = None
-    try:
-        inn = _setup_shared(b, wl, cg, r)
+    with _trial(b, wl, "naive-killer", "naive", run, window_s) as t:
+        r = t.r
         with realtime():
-            w, smp, t0 = _start(b, wl, cg, threshold=NAIVE_TRIGGER_TASKS)
+            w, smp, t0 = _start(b, wl, t.cg, threshold=NAIVE_TRIGGER_TASKS)
+            t.w, t.smp = w, smp
             r.detected = smp.crossed.wait(bomb_secs(wl) - 1.5)
             t_trig = time.monotonic() - t0
             r.start_to_verdict_ms = round(t_trig * 1000, 1)
@@ -138,12 +155,6 @@ def naive_killer(b: Bench, wl: Workload, run: int = 1, window_s: float = WINDOW_
             r.notes.append(f"{r.survivors} escaped the tree walk (re-parented away from the root)")
         else:
             r.notes.append("gone only at the bomb's own deadline")
-        r.bomb_cpu_s = b.cpu_usage_s(cg)
-        r.peak_v1 = b.peak(w)
-        if inn:
-            r.innocents_alive = b.alive(inn)
-    finally:
-        b.end_trial(cg, w, smp, f"{wl.name}/naive-killer/{run}", inn)
     return r
 
 
@@ -200,24 +211,23 @@ class ThresholdPoller:
 
 
 def threshold_bomb(b: Bench, wl: Workload, poller: ThresholdPoller, run: int = 1, window_s: float = WINDOW_S) -> BombRun:
-    r = BombRun(wl.name, "threshold", run, window_s=window_s)
-    cg = b.trial_cgroup(f"{wl.name}-threshold{run}")
-    inn: list = []
-    w = smp = None
-    try:
-        inn = _setup_shared(b, wl, cg, r)
+    with _trial(b, wl, "threshold", "threshold", run, window_s) as t:
+        r = t.r
         poller.kill_evt.clear()
-        with realtime():
-            w, smp, t0 = _start(b, wl, cg)
-            poller.watch(cg)
-            end_evt = smp.gone if r.innocents else smp.unpopulated
-            if poller.kill_evt.wait(bomb_secs(wl) - 1.2):
-                end_evt.wait(2.0)
-            time.sleep(0.3)
-            r.survivors = len(b.sb.live_pids(w))
-            _window_rest(t0, window_s)
-            r.tasks_held = b.current(w)
-        kills = poller.unwatch(cg)
+        try:
+            with realtime():
+                w, smp, t0 = _start(b, wl, t.cg)
+                t.w, t.smp = w, smp
+                poller.watch(t.cg)
+                end_evt = smp.gone if r.innocents else smp.unpopulated
+                if poller.kill_evt.wait(bomb_secs(wl) - 1.2):
+                    end_evt.wait(2.0)
+                time.sleep(0.3)
+                r.survivors = len(b.sb.live_pids(w))
+                _window_rest(t0, window_s)
+                r.tasks_held = b.current(w)
+        finally:
+            kills = poller.unwatch(t.cg)
         s = smp.series
         t_end = s.t_gone if r.innocents else s.t_unpopulated
         r.detected = bool(kills)
@@ -228,13 +238,6 @@ def threshold_bomb(b: Bench, wl: Workload, poller: ThresholdPoller, run: int = 1
             if r.removed:
                 r.start_to_gone_ms = round(t_end * 1000, 1)
                 r.verdict_to_gone_ms = round(r.start_to_gone_ms - r.start_to_verdict_ms, 1)
-        r.bomb_cpu_s = b.cpu_usage_s(cg)
-        r.peak_v1 = b.peak(w)
-        if inn:
-            r.innocents_alive = b.alive(inn)
-            if r.innocents_alive < r.innocents:
-                r.notes.append("killed the innocent processes sharing the cgroup")
-    finally:
-        poller.unwatch(cg)
-        b.end_trial(cg, w, smp, f"{wl.name}/threshold/{run}", inn)
+    if t.inn and (r.innocents_alive or 0) < r.innocents:
+        r.notes.append("killed the innocent processes sharing the cgroup")
     return r
