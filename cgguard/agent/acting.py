@@ -106,8 +106,9 @@ class Acting:
             found = self.watcher.watched_ancestor(verdict.cgroup)
             if found is None or found.rel != verdict.cgroup and verdict.cgroup not in self.watcher.nodes:
                 # A cgroup the watcher does not know (its creation was lost with an inotify
-                # overflow): look again before acting, rather than blame its parent.
-                for n in self.watcher.rescan():
+                # overflow, and the rescan has not reached it yet): add it before acting, rather
+                # than blame its parent.
+                for n in self.watcher.add_path(verdict.cgroup):
                     self._new_cgroup(n, self.clock())
                 found = self.watcher.watched_ancestor(verdict.cgroup)
             return found or node

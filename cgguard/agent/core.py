@@ -234,6 +234,8 @@ class Agent:
         due = self.watcher.next_due_ns()
         timeout_ns = min(LOOP_TICK_NS if due is None else max(0, due - now), LOOP_TICK_NS)
         timeout_ns = min(timeout_ns, max(0, self._next_age_ns - now))
+        if self.watcher.rescanning:
+            timeout_ns = 0  # look at the sources, then go on with the rescan
         drains = self._drains
         if drains is not None and drains.hot:
             drain_ns = drains.deadline_ns - now
@@ -268,8 +270,11 @@ class Agent:
         acting, detection = self.acting, self.detection
         for node in self.watcher.due(now, SAMPLES_PER_TURN):
             detection.sample(node, now)
-        for node in self.watcher.maybe_rescan_degraded(now):
-            self._new_cgroup(node, now)
+        self.watcher.maybe_rescan_degraded(now)
+        if self.watcher.rescanning:
+            # After lost inotify events: a slice of the rescan per turn, between samples and
+            # events, so a bomb elsewhere is not left waiting behind thousands of new cgroups.
+            self._on_watch(self.watcher.rescan_step(), now)
         acting.kills.check(now)
         if now >= self._next_age_ns:
             if self.tracking is not None:
@@ -326,8 +331,10 @@ class Agent:
 
     # -- sources ---------------------------------------------------------------------------
     def _on_inotify(self) -> None:
-        now = self.clock()
-        for node, kind in self.watcher.handle_inotify():
+        self._on_watch(self.watcher.handle_inotify(), self.clock())
+
+    def _on_watch(self, changes: list[tuple[Node, str]], now: int) -> None:
+        for node, kind in changes:
             if not node.watched:
                 continue
             if kind == "added" or (kind == "events" and node.populated):

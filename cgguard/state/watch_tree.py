@@ -3,7 +3,9 @@
 * Directories that a watch glob may match at or below get an inotify watch for new and removed
   child cgroups, so cgroups that appear or vanish are seen at once, without rescanning the tree.
   When the inotify queue overflows (a burst of cgroup creation), events are lost: the tree is
-  rescanned, so no new cgroup stays unwatched.
+  rescanned, so no new cgroup stays unwatched. The rescan runs in slices between the loop's other
+  work: thousands of cgroups made to overflow the queue take seconds to walk, and meanwhile the
+  agent keeps sampling, acting, and watching cgroups that appear after the overflow at once.
 * Every watched cgroup gets an inotify watch on ``cgroup.events`` (populated/frozen changes), and
   the ``pids.events`` of its own cgroup and of every v2 cgroup whose limit it counts against
   (forks refused at ``pids.max``, which is how a runaway pinned at a pod's limit announces itself).
@@ -20,17 +22,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from inotify_simple import INotify, flags
 
 from cgguard.globs import glob_match, glob_may_match_below
 from cgguard.kernel.cgroupfs import CgroupFS, parse_flat_keyed
-from cgguard.kernel.clock import S
+from cgguard.kernel.clock import MS, S
 from cgguard.kernel.files import FileCache
 from cgguard.state.budget import Budget
 from cgguard.state.samples import History
+from cgguard.state.watch_rescan import add_path, rescan_steps
 
 log = logging.getLogger("cgguard.watch")
 
@@ -38,6 +42,8 @@ log = logging.getLogger("cgguard.watch")
 DEGRADED_RESCAN_NS = 2 * S
 _DIR_MASK = flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVED_FROM | flags.MOVED_TO | flags.ONLYDIR
 _FILE_MASK = flags.MODIFY
+# One slice of a rescan: the loop's other work waits at most this long for it.
+RESCAN_SLICE_NS = 20 * MS
 
 
 @dataclass(eq=False, slots=True)
@@ -102,6 +108,8 @@ class CgroupTree:
         self.missing_watches = 0  # inotify watches the kernel refused (ENOSPC)
         self.emptied: list[Node] = []  # found unpopulated by the last rescan, populated before
         self._next_degraded_rescan = 0
+        self._rescan: Iterator[list[tuple[Node, str]]] | None = None  # a rescan under way, in slices
+        self.rescan_slice_ns = RESCAN_SLICE_NS
         self.ready = False
 
     # -- glob logic ------------------------------------------------------------------------
@@ -157,32 +165,50 @@ class CgroupTree:
         return added
 
     def rescan(self) -> list[Node]:
-        """Reconcile with the tree after lost inotify events: add what is new, drop what is gone,
-        re-read every watched cgroup's state. Returns the watched cgroups added, and those found
-        populated that were not (their "populated 1" may have been lost: they are sampled again)."""
-        for node in [n for n in self.nodes.values() if n.rel and not os.path.isdir(self.fs.abspath(n.rel))]:
-            if self.nodes.get(node.rel) is node:
-                self._remove(node)
-        root = self.nodes.get("")
-        added = self._scan(root) if root is not None else []
-        new = {id(n) for n in added}
-        woke: list[Node] = []
-        self.emptied = []
-        for n in self.nodes.values():
-            if n.watched and id(n) not in new:  # a node just added read its cgroup.events
-                was = n.populated
-                self._read_events(n)
-                if n.populated and not was:
-                    woke.append(n)
-                elif was and not n.populated:
-                    self.emptied.append(n)
-        return [n for n in added if n.watched] + woke
+        """Reconcile with the tree after lost inotify events, all at once: add what is new, drop
+        what is gone, re-read every watched cgroup's state. Returns the watched cgroups added, and
+        those found populated that were not (their "populated 1" may have been lost: they are
+        sampled again); :attr:`emptied` holds those found empty that were populated."""
+        self._rescan = None
+        steps = [pair for part in rescan_steps(self) for pair in part]
+        self.emptied = [n for n, kind in steps if kind == "events"]
+        return [n for n, kind in steps if kind == "added"]
 
-    def maybe_rescan_degraded(self, now: int) -> list[Node]:
-        if not self.missing_watches or now < self._next_degraded_rescan:
+    @property
+    def rescanning(self) -> bool:
+        return self._rescan is not None
+
+    def start_rescan(self) -> None:
+        """Begin (or begin again: the events just lost may lie behind a running one's walk) a
+        rescan that :meth:`rescan_step` carries out in slices."""
+        self._rescan = rescan_steps(self)
+
+    def rescan_step(self) -> list[tuple[Node, str]]:
+        """One slice of the rescan under way: (node, 'added') for watched cgroups added or found
+        populated, (node, 'events') for those found emptied (a kill's end whose event was lost)."""
+        if self._rescan is None:
             return []
+        out: list[tuple[Node, str]] = []
+        end = time.monotonic_ns() + self.rescan_slice_ns
+        for part in self._rescan:
+            out += part
+            if time.monotonic_ns() >= end:
+                break
+        else:
+            self._rescan = None
+        return out
+
+    def add_path(self, rel: str) -> list[Node]:
+        """Know ``rel`` and the cgroups above it now (a verdict names a cgroup whose creation was
+        lost with an overflow, before the rescan reached it). Returns the watched ones added."""
+        return add_path(self, rel)
+
+    def maybe_rescan_degraded(self, now: int) -> None:
+        """With inotify watches missing, new cgroups are found by rescans every few seconds."""
+        if not self.missing_watches or now < self._next_degraded_rescan or self._rescan is not None:
+            return
         self._next_degraded_rescan = now + DEGRADED_RESCAN_NS
-        return self.rescan()
+        self.start_rescan()
 
     def _add_watch(self, path: str, mask: int) -> int | None:
         try:
@@ -316,11 +342,12 @@ class CgroupTree:
         if overflows:
             # One rescan finds every cgroup made or removed, those of this batch included: their
             # events are not also handled one by one (16,000 of them took as long as the rescan).
-            # A cgroup whose populated 0 was lost (a kill's end) is reported as an event.
+            # A cgroup whose populated 0 was lost (a kill's end) is reported as an event. Events
+            # of later batches are handled as they come, while the rescan goes on in slices.
             self.overflows += overflows
             log.warning("inotify queue overflowed: rescanning the cgroup tree")
-            out += [(n, "added") for n in self.rescan()]
-            out += [(n, "events") for n in self.emptied]
+            self.start_rescan()
+            out += self.rescan_step()
         for ev in events:
             if ev.mask & flags.Q_OVERFLOW:
                 continue

@@ -129,3 +129,92 @@ def test_overflow_batch_rescans_once_and_reports_lost_populated_0(cgfs, sandbox)
             w.close()
     finally:
         sandbox.kill(wl)
+
+
+def test_rescan_after_an_overflow_runs_in_slices_and_new_cgroups_do_not_wait_for_it(cgfs, sandbox):
+    """Thousands of cgroups made to overflow the queue take seconds to walk: the rescan is carried
+    out a step at a time between the loop's other work, and a cgroup made meanwhile is watched
+    from its own CREATE event, not when the walk gets there."""
+    from inotify_simple import Event, flags
+
+    base = sandbox.cgroup("sliced")
+    burst = f"{base}/burst"
+    os.mkdir(cgfs.abspath(burst))
+    w = watcher(cgfs, [f"{base}/**"])
+    w.start()
+    try:
+        gone = f"{base}/gone"
+        os.mkdir(cgfs.abspath(gone))
+        w.handle_inotify()
+        assert gone in w.nodes
+        names = [f"{burst}/b{i:03d}" for i in range(40)]
+        for rel in names:
+            os.mkdir(cgfs.abspath(rel))
+        os.rmdir(cgfs.abspath(gone))
+        # Their events are lost with an overflow (the kernel drops what does not fit).
+        real_read = w.inotify.read
+        w.inotify.read = lambda timeout=0: [Event(wd=-1, mask=flags.Q_OVERFLOW, cookie=0, name="")]  # type: ignore[method-assign]
+        w.rescan_slice_ns = 0  # one step per slice
+        out = w.handle_inotify()
+        w.inotify.read = real_read  # type: ignore[method-assign]
+        real_read(timeout=0)  # the events that stood for the lost ones
+        assert w.overflows == 1 and w.rescanning
+        assert len(out) <= 1, "a slice is one step"
+        # A cgroup made while the walk is under way: watched from its own event.
+        late = f"{base}/late"
+        os.mkdir(cgfs.abspath(late))
+        assert wait_for(lambda: bool(w.handle_inotify()) or late in w.nodes)
+        assert late in w.nodes and w.nodes[late].watched and w.rescanning
+        added = [n.rel for n, kind in out if kind == "added"]
+        steps = 1
+        while w.rescanning:
+            added += [n.rel for n, kind in w.rescan_step() if kind == "added"]
+            steps += 1
+        assert sorted(names) == sorted(r for r in added if r.startswith(burst + "/"))
+        assert all(w.nodes[r].watched and w.nodes[r].events_wd is not None for r in names)
+        assert gone not in w.nodes, "the walk drops what vanished"
+        assert steps > len(names), steps
+        # A full rescan afterwards finds nothing new.
+        assert w.rescan() == []
+    finally:
+        w.close()
+
+
+def test_without_an_inotify_watch_new_cgroups_are_found_by_periodic_rescans(cgfs, sandbox):
+    """max_user_watches reached: the kernel refuses a directory watch (ENOSPC). The tree degrades
+    to rescans every DEGRADED_RESCAN_NS rather than miss the cgroups made below it."""
+    import errno
+
+    from cgguard.state import watch_tree
+
+    base = sandbox.cgroup("degraded")
+    w = watcher(cgfs, [f"{base}/**"])
+    real_add = w.inotify.add_watch
+
+    def refuse_base(path, mask):
+        if path == cgfs.abspath(base):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(path, mask)
+
+    w.inotify.add_watch = refuse_base  # type: ignore[method-assign]
+    w.start()
+    try:
+        assert w.missing_watches == 1 and w.nodes[base].dir_wd is None
+        new = f"{base}/new"
+        os.mkdir(cgfs.abspath(new))
+        w.handle_inotify()
+        assert new not in w.nodes, "no watch on its parent: no event"
+        now = w.clock()
+        w.maybe_rescan_degraded(now)
+        assert w.rescanning
+        found = []
+        while w.rescanning:
+            found += w.rescan_step()
+        assert (w.nodes[new], "added") in found
+        # Not again before the interval is out.
+        w.maybe_rescan_degraded(now + 1)
+        assert not w.rescanning
+        w.maybe_rescan_degraded(now + watch_tree.DEGRADED_RESCAN_NS)
+        assert w.rescanning
+    finally:
+        w.close()
