@@ -84,7 +84,8 @@ def bomb_members(
             out.add(pid)
             guessed += 1
         elif why is not None:
-            key = "no record, parent not a member" if st.ppid in stat_of else "no record, older orphan"
+            # Ancestry unknown (no record, or one too close to the origin's start to tell).
+            key = "unknown ancestry, parent not a member" if st.ppid in stat_of else "unknown ancestry, older than the origin"
             why[key] = why.get(key, 0) + 1
     return out, guessed
 

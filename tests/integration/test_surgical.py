@@ -35,8 +35,9 @@ def test_seed_bomb_beside_innocent_sleep(sandbox, agent):
     assert inc["result"] == "removed", inc
     assert inc["action"] == "kill-lineage", inc["notes"]
     assert inc["survivors"] == 0
-    # It says on what ground it spared the innocent: started before the bomb's origin.
-    assert any(n.startswith("spared: ") and "older than the origin" in n for n in inc["notes"]), inc["notes"]
+    # It says on what ground it spared the innocent: started before the bomb's origin (known as
+    # such, or of unknown ancestry when the two started within the start-time tolerance).
+    assert any(n.startswith("spared: 1 ") and "older than the origin" in n for n in inc["notes"]), inc["notes"]
     origin = inc["origin"]
     # The bash that started it, named whether it has exited yet (a placeholder) or not.
     assert origin["pid"] == bomb.proc.pid and origin["comm"] == "bash" and "forkbomb" in (origin["cmdline"] or "")
