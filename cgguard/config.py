@@ -196,8 +196,9 @@ class PinnedParams(_Model):
     hold_ms: int = Field(300, ge=50, le=HISTORY_MS - 1000, description="How long it must stay there with forks being refused.")
     min_refused: int = Field(5, ge=1, le=MAX_COUNT, description="Forks refused at the limit within the hold.")
     long_hold_ms: int = Field(
-        8000, ge=100, le=HISTORY_MS - 1000,
-        description="Slow view: held at the limit this long with forks still refused (bash backs off 1, 2, 4, 8 s between retries).",
+        4000, ge=100, le=HISTORY_MS - 1000,
+        description="Slow view: held at the limit this long with forks still refused (bash retries a refused fork after 1, "
+                    "then 2 more seconds: two refusals within 4 s).",
     )
     long_min_refused: int = Field(2, ge=1, le=MAX_COUNT, description="Forks refused at the limit within the long hold.")
 
