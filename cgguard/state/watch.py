@@ -199,8 +199,12 @@ class Watcher(CgroupTree):
             # Empty, and its cgroup.events watch says so: nothing can fork in it until a task
             # enters, and that raises "populated 1", which samples it at once (hint_active; after
             # an inotify overflow, rescan()). Thousands of empty cgroups then cost no wake-ups.
+            # Its share of a shared limit's pressure is none: shown as calm while parked, not
+            # as the pressure its limit group had at this last sample (zombies of a removed
+            # child not reaped yet), which no later sample would correct.
             node.interval_ns = interval
             node.due_ns = PARKED
+            node.last_usage = 0.0
             return s
         self._schedule(node, now, interval)
         return s

@@ -203,7 +203,7 @@ def test_a_parent_is_not_convicted_for_the_child_just_removed(sandbox, tmp_path)
             # Calm, empty and unpopulated: parked, judged again only when a task enters.
             return mine and mine[0]["tasks"] == 0 and not mine[0]["populated"] and mine[0]["state"] == "calm"
 
-        assert wait_until(parent_seen_empty, timeout=60), agent.status()["cgroups"]
+        assert wait_until(parent_seen_empty, timeout=60), json.dumps(agent.status()["cgroups"])
         agent.caught_up()
         on_parent = [i for i in agent.incidents() if i["cgroup"] == parent]
         assert on_parent == [], on_parent
