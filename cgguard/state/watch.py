@@ -198,7 +198,7 @@ class Watcher(CgroupTree):
         if tasks == 0 and not node.populated and node.events_wd is not None and now >= node.active_until_ns:
             # Empty, and its cgroup.events watch says so: nothing can fork in it until a task
             # enters, and that raises "populated 1", which samples it at once (hint_active; after
-            # an inotify overflow, rescan()). Thousands of empty cgroups then cost no wake-ups.
+            # an inotify overflow, the rescan). Thousands of empty cgroups then cost no wake-ups.
             # Its share of a shared limit's pressure is none: shown as calm while parked, not
             # as the pressure its limit group had at this last sample (zombies of a removed
             # child not reaped yet), which no later sample would correct.

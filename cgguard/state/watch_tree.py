@@ -106,7 +106,6 @@ class CgroupTree:
         self._group_nodes: dict[str, set[str]] = {}  # v2 limit group directory -> watched nodes
         self.overflows = 0
         self.missing_watches = 0  # inotify watches the kernel refused (ENOSPC)
-        self.emptied: list[Node] = []  # found unpopulated by the last rescan, populated before
         self._next_degraded_rescan = 0
         self._rescan: Iterator[list[tuple[Node, str]]] | None = None  # a rescan under way, in slices
         self.rescan_slice_ns = RESCAN_SLICE_NS
@@ -163,16 +162,6 @@ class CgroupTree:
                 added.append(child)
             added += self._scan(child)
         return added
-
-    def rescan(self) -> list[Node]:
-        """Reconcile with the tree after lost inotify events, all at once: add what is new, drop
-        what is gone, re-read every watched cgroup's state. Returns the watched cgroups added, and
-        those found populated that were not (their "populated 1" may have been lost: they are
-        sampled again); :attr:`emptied` holds those found empty that were populated."""
-        self._rescan = None
-        steps = [pair for part in rescan_steps(self) for pair in part]
-        self.emptied = [n for n, kind in steps if kind == "events"]
-        return [n for n, kind in steps if kind == "added"]
 
     @property
     def rescanning(self) -> bool:
