@@ -200,8 +200,8 @@ class Watcher(CgroupTree):
             # enters, and that raises "populated 1", which samples it at once (hint_active; after
             # an inotify overflow, the rescan). Thousands of empty cgroups then cost no wake-ups.
             # Its share of a shared limit's pressure is none: shown as calm while parked, not
-            # as the pressure its limit group had at this last sample (zombies of a removed
-            # child not reaped yet), which no later sample would correct.
+            # as the pressure its limit group had at this last sample (a v1 group still counts a
+            # removed child's exiting tasks after populated 0), which no later sample corrects.
             node.interval_ns = interval
             node.due_ns = PARKED
             node.last_usage = 0.0
