@@ -16,13 +16,33 @@ if TYPE_CHECKING:
 
 
 def rescan_steps(tree: CgroupTree) -> Iterator[list[tuple[Node, str]]]:
-    """The rescan, one cgroup at a time, top levels first (where a tenant's new cgroups hang,
-    found before the thousands of leaves that overflowed the queue). Between steps the loop
-    may handle inotify events (a cgroup made or removed meanwhile): every step checks that
-    what it holds is still known."""
+    """The rescan, one cgroup at a time: the walk from the root, then every watched cgroup's
+    ``cgroup.events`` read again (a "populated" change lost with the events)."""
     new: set[int] = set()
     root = tree.nodes.get("")
-    queue = deque([root] if root is not None else [])
+    if root is not None:
+        yield from walk(tree, root, new)
+    for n in list(tree.nodes.values()):
+        # A node just added read its cgroup.events.
+        if n.watched and id(n) not in new and tree.nodes.get(n.rel) is n:
+            was = n.populated
+            tree._read_events(n)
+            if n.populated and not was:
+                yield [(n, "added")]
+                continue
+            if was and not n.populated:
+                yield [(n, "events")]
+                continue
+        yield []
+
+
+def walk(tree: CgroupTree, top: Node, new: set[int]) -> Iterator[list[tuple[Node, str]]]:
+    """Bring the tree below ``top`` in line with cgroupfs, one cgroup at a time, top levels first
+    (where a tenant's new cgroups hang, found before the thousands of leaves that overflowed the
+    queue): drop what is gone, add what is new (its id into ``new``; each watched one yielded as
+    'added'). Between steps the loop may handle inotify events (a cgroup made or removed
+    meanwhile): every step checks that what it holds is still known."""
+    queue = deque([top])
     while queue:
         node = queue.popleft()
         if tree.nodes.get(node.rel) is not node:
@@ -44,18 +64,6 @@ def rescan_steps(tree: CgroupTree) -> Iterator[list[tuple[Node, str]]]:
                 if tree.nodes.get(node.rel) is not node:
                     break  # removed meanwhile, with what was added below it
             queue.append(child)
-        yield []
-    for n in list(tree.nodes.values()):
-        # A node just added read its cgroup.events.
-        if n.watched and id(n) not in new and tree.nodes.get(n.rel) is n:
-            was = n.populated
-            tree._read_events(n)
-            if n.populated and not was:
-                yield [(n, "added")]
-                continue
-            if was and not n.populated:
-                yield [(n, "events")]
-                continue
         yield []
 
 

@@ -34,7 +34,7 @@ from cgguard.kernel.clock import MS, S
 from cgguard.kernel.files import FileCache
 from cgguard.state.budget import Budget
 from cgguard.state.samples import History
-from cgguard.state.watch_rescan import add_path, rescan_steps
+from cgguard.state.watch_rescan import add_path, rescan_steps, walk
 
 log = logging.getLogger("cgguard.watch")
 
@@ -151,17 +151,9 @@ class CgroupTree:
         self.ready = True
 
     def _scan(self, node: Node) -> list[Node]:
-        added = []
-        for child_rel in self.fs.children(node.rel):
-            name = child_rel.rsplit("/", 1)[-1]
-            child = node.children.get(name)
-            if child is None:
-                child = self._add(child_rel, node)
-                if child is None:
-                    continue
-                added.append(child)
-            added += self._scan(child)
-        return added
+        """The cgroups below ``node`` made known at once (at start, or below a new cgroup whose
+        children appeared before our watch on it); returns the watched ones added."""
+        return [n for part in walk(self, node, set()) for n, _ in part]
 
     @property
     def rescanning(self) -> bool:
@@ -373,8 +365,8 @@ class CgroupTree:
             if child is None:
                 return []
             # Children made before our watch was in place would otherwise be missed.
-            added = [child, *self._scan(child)]
-            return [(n, "added") for n in added if n.watched]
+            added = [child] if child.watched else []
+            return [(n, "added") for n in added + self._scan(child)]
         if ev.mask & (flags.DELETE | flags.MOVED_FROM):
             child = node.children.get(ev.name)
             if child is not None:
